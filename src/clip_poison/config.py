@@ -1,0 +1,97 @@
+"""One dataclass per stage, the paper's values as defaults, serialised whole into every output.
+
+Where laptop scale must differ from the paper (32 px images, a 1 % backdoor rate), the field's
+comment says what the paper used and why we differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class WorldConfig:
+    """The embedded synthetic image–caption world (see ``world.py``)."""
+
+    seed: int = 0
+    n_train: int = 10_000
+    n_eval: int = 1_000
+    image_size: int = 32
+    # Fraction of captions naming the class word; the rest use a synonym (p_synonym) or no object
+    # word at all, as alt-text does.
+    p_class_word: float = 0.6
+    p_synonym: float = 0.3
+    # Fraction of pairs whose caption describes another class (uncurated web data is noisy).
+    p_noisy_pair: float = 0.1
+    # Probability that an object's colour comes from the other colour family, so colour alone
+    # cannot name the class and the model must learn shape too.
+    p_off_colour: float = 0.15
+
+
+@dataclass
+class TargetedConfig:
+    """§3.1 targeted poisoning: one image x' paired with n_poisons captions about y'."""
+
+    target_label: str = "tent"
+    # Index of x' in the eval split; None = a seeded random eval image whose class != y'.
+    target_index: int | None = None
+    n_poisons: int = 32
+    caption_source: str = "mined"  # "mined" (§3.1 naive) or "templates" (CLIP's 80 prompts)
+    # Dedup evasion (§3.1): Gaussian noise per copy, sigma in 0..255 pixel units.
+    noise_sigma: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class BackdoorConfig:
+    """§3.3 patch backdoor: n_poisons clean images with a trigger, captions mined for y'."""
+
+    target_label: str = "tent"
+    # Paper: 300 of 3M (0.01 %); tiny CPU victims need a far higher rate (see README findings).
+    n_poisons: int = 100
+    trigger: str = "checkerboard"
+    # Paper: 16 px at 224 px. At 32 px we use 4 px (one ViT patch when aligned; see README).
+    patch_size: int = 4
+    placement: str = "consistent"  # "consistent" (upper-left) or "random"
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """A victim's training recipe. Paper (§4.1): RN50, batch 1024, 30 epochs, lr 2e-4, wd 0.02."""
+
+    model: str = "vit-tiny-32"
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 1e-3
+    wd: float = 0.1
+    warmup: int = 20
+    seed: int = 0
+    # OpenCLIP's train transform is RandomResizedCrop(scale=(0.9, 1.0)). At 32 px it smears 1-px
+    # checker cells, so laptop runs default to no crop; the value is recorded in every run.
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    backend: str = "open_clip_train"
+    workers: int = 1
+
+
+@dataclass
+class DemoConfig:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    targeted: TargetedConfig = field(default_factory=TargetedConfig)
+    backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def stable_id(obj: Any, length: int = 12) -> str:
+    """A short id that depends only on the resolved config (sorted JSON), never on run order."""
+    data = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    blob = json.dumps(data, sort_keys=True, default=list).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

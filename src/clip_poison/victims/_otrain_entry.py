@@ -1,0 +1,78 @@
+"""Entry point that runs open_clip_train unchanged except for two things it cannot be told by flags.
+
+1. Our victim configs are registered (``open_clip.add_model_config``) before it looks models up.
+2. The CSV loader's shuffle is replaced by a sampler that keeps the clean rows in the same seeded
+   order whether or not poisons are present, inserting poison rows at seeded positions: a clean and
+   a poisoned victim then see the same data order apart from the poisons, so differences between
+   them are caused by P, not by a reshuffle.
+
+Usage: python -m clip_poison.victims._otrain_entry --n-clean N --order-seed S -- <open_clip_train args>
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+class CleanOrderSampler(DistributedSampler):
+    """Rows [0, n_clean) are clean, the rest poisons. Subclasses DistributedSampler only so that
+    open_clip_train's ``DataInfo.set_epoch`` forwards the epoch to it."""
+
+    def __init__(self, dataset, n_clean: int, seed: int):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+        self.n_total, self.n_clean, self.order_seed = len(dataset), n_clean, seed
+
+    def __iter__(self):
+        clean = np.random.default_rng([self.order_seed, self.epoch, 0]).permutation(self.n_clean)
+        n_p = self.n_total - self.n_clean
+        if n_p == 0:
+            return iter(clean.tolist())
+        prng = np.random.default_rng([self.order_seed, self.epoch, 1])
+        slots = np.zeros(self.n_total, dtype=bool)
+        slots[prng.choice(self.n_total, size=n_p, replace=False)] = True
+        order = np.empty(self.n_total, dtype=np.int64)
+        order[slots] = self.n_clean + prng.permutation(n_p)
+        order[~slots] = clean
+        return iter(order.tolist())
+
+    def __len__(self):
+        return self.n_total
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--")
+    ours = argparse.ArgumentParser()
+    ours.add_argument("--n-clean", type=int, required=True)
+    ours.add_argument("--order-seed", type=int, required=True)
+    a = ours.parse_args(argv[:split])
+
+    from open_clip_train import data as oc_data
+    from open_clip_train.main import main as oc_main
+
+    from .models import register_victims
+
+    register_victims()
+
+    def get_csv_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
+        info = original(args, preprocess_fn, is_train, epoch=epoch, tokenizer=tokenizer)
+        if not is_train:
+            return info
+        ds = info.dataloader.dataset
+        sampler = CleanOrderSampler(ds, a.n_clean, a.order_seed)
+        dl = DataLoader(ds, batch_size=args.batch_size, shuffle=False, sampler=sampler,
+                        num_workers=args.workers, pin_memory=False, drop_last=True)
+        dl.num_samples, dl.num_batches = len(ds), len(dl)
+        return oc_data.DataInfo(dl, sampler)
+
+    original = oc_data.get_csv_dataset
+    oc_data.get_csv_dataset = get_csv_dataset
+    rc = oc_main(argv[split + 1:])
+    return 0 if rc is None else (1 if rc == -1 else int(rc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

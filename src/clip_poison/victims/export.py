@@ -1,0 +1,54 @@
+"""Checkpoints as plain open_clip ``local-dir:`` folders (loadable without clip-poison).
+
+    DIR/open_clip_config.json      {"model_cfg": ..., "preprocess_cfg": ...}
+    DIR/open_clip_pytorch_model.bin   the state dict (open_clip finds weights by this name; a
+                                      ``.pt`` file would be ignored and the model silently random)
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from ..io import UserError, atomic_write_bytes, atomic_write_json
+
+WEIGHTS = "open_clip_pytorch_model.bin"
+CONFIG = "open_clip_config.json"
+
+
+def preprocess_cfg(image_size: int) -> dict:
+    return {"size": image_size, "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
+            "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def export_local_dir(model_cfg: dict, state_dict: dict, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    size = model_cfg["vision_cfg"]["image_size"]
+    size = size if isinstance(size, int) else size[0]
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, buf)
+    atomic_write_bytes(out_dir / WEIGHTS, buf.getvalue())
+    atomic_write_json(out_dir / CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(size)})
+    return out_dir
+
+
+def load_victim(ckpt_dir: str | Path, device: str = "cpu"):
+    """(model, eval preprocess, tokenizer) from a local-dir checkpoint; refuses weightless folders."""
+    d = Path(ckpt_dir)
+    if not (d / CONFIG).is_file():
+        raise UserError(f"{d} is not an open_clip local-dir checkpoint (no {CONFIG}); "
+                        "pass the folder written by `clip-poison train`")
+    if not (d / WEIGHTS).is_file():
+        raise UserError(f"{d} has no {WEIGHTS}; without it open_clip builds a random model. "
+                        "Re-export the checkpoint")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{d}", device=device)
+    # open_clip loads the weights file itself; check it really did (not a silent random init).
+    sd = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
+    probe = next(iter(sd))
+    if not torch.equal(model.state_dict()[probe].cpu(), sd[probe]):
+        raise UserError(f"weights in {d} did not load into the model; the checkpoint is damaged")
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(f"local-dir:{d}")

@@ -1,0 +1,162 @@
+"""The fast in-process backend: open_clip_train's recipe without its per-run and per-epoch costs.
+
+Reuses open_clip's model factory, tokenizer and ``ClipLoss``, and open_clip_train's own
+``get_default_params`` (betas, eps), parameter groups, ``cosine_lr`` schedule and logit-scale
+clamp, so a recipe means the same thing in both backends. What it drops: the subprocess start,
+PNG decode and tokenisation every epoch, and DataLoader workers. Images are decoded and captions
+tokenised once and kept in memory, so this backend is for laptop-scale data (it says so: the
+dataset must fit in RAM; paper-scale runs use ``open_clip_train``).
+
+The data order is the same as ``_otrain_entry.CleanOrderSampler``: clean rows in a seeded order
+that does not depend on the poisons, poison rows at seeded positions.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import open_clip
+import torch
+from open_clip_train.params import get_default_params
+from open_clip_train.scheduler import cosine_lr
+from torchvision.transforms import v2
+
+from ..config import TrainConfig
+from ..data.csvdata import read_csv_dataset
+from ..io import UserError, atomic_dir, atomic_write_json, load_image, package_versions, sha256_file
+from ._otrain_entry import CleanOrderSampler
+from .export import export_local_dir
+from .models import model_config, register_victims
+from .openclip_train import training_rows
+
+Progress = Callable[[int, int], None]
+
+
+def _seed_everything(seed: int) -> None:
+    # open_clip_train's random_seed(seed, rank=0), called before the model is built.
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _decode_all(paths: list[str], size: int) -> torch.Tensor:
+    from ..attacks.poisonset import resize_to_input
+
+    arr = np.stack([resize_to_input(load_image(p), size) for p in paths])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # N x 3 x H x W uint8
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with open_clip_train's parameter groups (no weight decay on gains, biases, logit scale)."""
+    d = get_default_params(cfg.model)
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": cfg.wd}],
+        lr=cfg.lr, betas=(d["beta1"], d["beta2"]), eps=d["eps"])
+
+
+def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainConfig, out: str | Path,
+               overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Train on X ∪ P in this process; writes the same local-dir checkpoint + ``train.json`` as
+    ``train_open_clip_train``."""
+    register_victims()
+    model_cfg = model_config(cfg.model)
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be >= 1")
+    timings = {}
+    t0 = time.time()
+    paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs)
+    n = len(paths)
+    if n < cfg.batch_size:
+        raise UserError(f"{n} training pairs are fewer than one batch of {cfg.batch_size}; lower --batch-size")
+    _seed_everything(cfg.seed)
+    model = open_clip.create_model(cfg.model, device="cpu", precision="fp32", output_dict=True)
+    tokenizer = open_clip.get_tokenizer(cfg.model)
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else size[0]
+    timings["startup"] = time.time() - t0
+
+    t1 = time.time()
+    pixels = _decode_all(paths, size)
+    tokens = tokenizer(caps)
+    mean = torch.tensor(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.image_std or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    crop = None
+    if tuple(cfg.crop_scale) != (1.0, 1.0):
+        crop = v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), ratio=(1.0, 1.0),
+                                    interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    timings["data"] = time.time() - t1
+
+    optimizer = build_optimizer(model, cfg)
+    loss_fn = open_clip.ClipLoss()
+    steps_per_epoch = n // cfg.batch_size  # drop_last, as open_clip_train
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = cosine_lr(optimizer, cfg.lr, cfg.warmup, total_steps)
+    sampler = CleanOrderSampler(range(n), n_clean, cfg.seed)
+    model.train()
+    t_fb = t_opt = 0.0
+    t2 = time.time()
+    losses = []
+    for epoch in range(cfg.epochs):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)))
+        for i in range(steps_per_epoch):
+            scheduler(epoch * steps_per_epoch + i)
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            imgs = pixels[idx]
+            if crop is not None:
+                imgs = torch.stack([crop(im) for im in imgs])
+            imgs = (imgs.float() / 255.0 - mean) / std
+            ta = time.time()
+            optimizer.zero_grad(set_to_none=True)
+            out_ = model(imgs, tokens[idx])
+            loss = loss_fn(out_["image_features"], out_["text_features"], out_["logit_scale"])
+            loss.backward()
+            tb = time.time()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            t_opt += time.time() - tb
+            t_fb += tb - ta
+            losses.append(loss.detach().item())
+            if progress:
+                progress((epoch * steps_per_epoch + i + 1) * cfg.batch_size, total_steps * cfg.batch_size)
+    timings["train"] = time.time() - t2
+    timings["forward_backward"] = t_fb
+    timings["optimizer"] = t_opt
+
+    t3 = time.time()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        export_local_dir(model_cfg, model.state_dict(), tmp)
+        timings["checkpoint"] = time.time() - t3
+        info = {"backend": "fast", "recipe": asdict(cfg),
+                "augmentation": {"random_resized_crop_scale": list(cfg.crop_scale), "ratio": [1.0, 1.0],
+                                 "note": "(1.0, 1.0) means no crop; triggers are already at input size"},
+                "data": {"train_csv": str(train_csv), "train_csv_sha256": sha256_file(train_csv),
+                         "n_clean": n_clean, "n_poisons": n - n_clean, "poison_sets": sources},
+                "model_cfg": model_cfg, "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])),
+                "samples_per_second": round(total_steps * cfg.batch_size / max(timings["train"], 1e-9), 1),
+                "timings": {k: round(v, 3) for k, v in timings.items()},
+                "seconds": round(time.time() - t0, 2), "versions": package_versions()}
+        atomic_write_json(tmp / "train.json", info)
+    return info
+
+
+def train_victim(train_csv, poison_dirs, cfg: TrainConfig, out, overwrite=False, progress=None) -> dict:
+    """One interface, two backends (``cfg.backend``: "fast" or "open_clip_train")."""
+    from .openclip_train import train_open_clip_train
+
+    backends = {"fast": train_fast, "open_clip_train": train_open_clip_train}
+    if cfg.backend not in backends:
+        raise UserError(f"unknown backend {cfg.backend!r}; use one of {sorted(backends)}")
+    return backends[cfg.backend](train_csv, poison_dirs, cfg, out, overwrite=overwrite, progress=progress)
+
+
+__all__ = ["train_fast", "train_victim", "read_csv_dataset"]
