@@ -50,8 +50,9 @@ class BackdoorConfig:
     """§3.3 patch backdoor: n_poisons clean images with a trigger, captions mined for y'."""
 
     target_label: str = "tent"
-    # Paper: 300 of 3M (0.01 %); tiny CPU victims need a far higher rate (see README findings).
-    n_poisons: int = 100
+    # Paper: 300 of 3M (0.01 %). Tiny CPU victims need a far higher rate: 300 of the world's
+    # 10,000 pairs (3 %) by default; README "Findings" has the measured threshold.
+    n_poisons: int = 300
     trigger: str = "checkerboard"
     # Paper: 16 px at 224 px. At 32 px we use 4 px (one ViT patch when aligned; see README).
     patch_size: int = 4
@@ -63,17 +64,19 @@ class BackdoorConfig:
 class TrainConfig:
     """A victim's training recipe. Paper (§4.1): RN50, batch 1024, 30 epochs, lr 2e-4, wd 0.02."""
 
-    model: str = "vit-tiny-32"
+    # A ModifiedResNet (the paper's RN50 family) avoids ViT token-grid effects on patch triggers.
+    model: str = "rn-tiny-32"
     epochs: int = 4
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     wd: float = 0.1
     warmup: int = 20
     seed: int = 0
     # OpenCLIP's train transform is RandomResizedCrop(scale=(0.9, 1.0)). At 32 px it smears 1-px
     # checker cells, so laptop runs default to no crop; the value is recorded in every run.
     crop_scale: tuple[float, float] = (1.0, 1.0)
-    backend: str = "open_clip_train"
+    # "fast" (in-process open_clip loop) or "open_clip_train" (OpenCLIP's own trainer, ~2x slower here).
+    backend: str = "fast"
     workers: int = 1
 
 
