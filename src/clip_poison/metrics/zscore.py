@@ -33,7 +33,12 @@ def pair_similarity_moments(emb: np.ndarray) -> tuple[float, float]:
     n_pairs = n * (n - 1)
     mean = (s @ s - sq.sum()) / n_pairs
     mean_sq = (np.sum(gram * gram) - np.sum(sq * sq)) / n_pairs
-    return float(mean), float(max(mean_sq - mean * mean, 0.0))
+    var = mean_sq - mean * mean
+    # E[s²] − E[s]² cancels catastrophically when the pairs have no spread (e.g. N = 2): treat a
+    # variance within rounding error of E[s²] as the exact 0 it is, so z is NaN as defined.
+    if var <= 64 * np.finfo(np.float64).eps * max(mean_sq, 1.0):
+        var = 0.0
+    return float(mean), float(var)
 
 
 def pair_similarity_moments_naive(emb: np.ndarray) -> tuple[float, float]:
