@@ -9,10 +9,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import BackdoorConfig, DemoConfig, TargetedConfig, TrainConfig, WorldConfig
+from .config import BackdoorConfig, CraftOptions, DemoConfig, TargetedConfig, TextConfig, TrainConfig, WorldConfig
 from .io import UserError, atomic_write_json
 
 D_W, D_T, D_B, D_R = WorldConfig(), TargetedConfig(), BackdoorConfig(), TrainConfig()
+D_X = TextConfig()
 
 
 class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -25,7 +26,8 @@ def _sub(subs, name: str, help_: str, example: str) -> argparse.ArgumentParser:
 
 
 def _add_csv_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="training set: OpenCLIP CSV (e.g. WORLD/train.csv)")
+    p.add_argument("--data", required=True, help="training set: OpenCLIP CSV (e.g. WORLD/train.csv) or "
+                   "img2dataset webdataset shards ('dir/{00000..00009}.tar'); only read, never modified")
     p.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths")
     p.add_argument("--csv-caption-key", default="title", help="CSV column holding captions")
     p.add_argument("--csv-separator", default=",", help="CSV field separator")
@@ -60,35 +62,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targeted-poisons", type=int, default=D_T.n_poisons, help="targeted poisons (copies of x')")
     p.add_argument("--backdoor-poisons", type=int, default=D_B.n_poisons, help="backdoor poisons (paper: 0.01%% of 3M)")
     p.add_argument("--patch-size", type=int, default=D_B.patch_size, help="checkerboard size in pixels at input size")
-    p.add_argument("--label", default=D_B.target_label, help="target label y' of both attacks")
+    p.add_argument("--label", default=None,
+                   help=f"target label y' of both attacks (default {D_B.target_label!r}; with --world cifar10: 'cat')")
+    p.add_argument("--world", choices=["synthetic", "cifar10", "real"], default="synthetic",
+                   help="synthetic = the embedded world; cifar10 / real = photos under --root captioned like alt-text "
+                        "(train split), evaluated on the source's test split")
+    p.add_argument("--root", default=None, help="with --world cifar10/real: the labelled source (e.g. ../shared/data/cifar10-wds)")
+    p.add_argument("--lexicon", default=None, help="with --world cifar10/real: synonyms/contexts file (default: shipped)")
+    p.add_argument("--eval-max-n", type=int, default=None, help="evaluate on the first N eval images only (default: all)")
     _add_train_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-    p = _sub(subs, "world", "generate the embedded synthetic image–caption world (train CSV + labelled eval set)",
-             "clip-poison world --out runs/world --seed 0")
+    p = _sub(subs, "world", "make a training world: the embedded synthetic one (train CSV + labelled eval set), or "
+             "real photos with web-like captions from a labelled set (CLIP_benchmark wds layout or ImageFolder); "
+             "real worlds use the source's train split only and point at its test split for evaluation",
+             "clip-poison world --out runs/world --seed 0\n"
+             "  clip-poison world cifar10 --root ../shared/data/cifar10-wds --n-train 10000 --out runs/cifar10")
+    p.add_argument("source", nargs="?", choices=["synthetic", "cifar10", "real"], default="synthetic",
+                   help="synthetic = the embedded world; cifar10 / real = photos under --root (layout auto-detected)")
+    p.add_argument("--root", default=None, help="real worlds: labelled source (classnames.txt + train/*.tar, or class sub-folders)")
+    p.add_argument("--lexicon", default=None, help="real worlds: synonyms/contexts JSON or YAML (default: the shipped one matching the classes)")
+    p.add_argument("--split", default="train", help="real worlds: the source split to caption (never the eval split)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=D_W.seed)
-    p.add_argument("--n-train", type=int, default=D_W.n_train, help="training pairs")
-    p.add_argument("--n-eval", type=int, default=D_W.n_eval, help="labelled eval images")
-    p.add_argument("--image-size", type=int, default=D_W.image_size, help="pixels per side (>= 32)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help=f"training pairs (synthetic default {D_W.n_train}; real default: the whole split, else a seeded subset)")
+    p.add_argument("--n-eval", type=int, default=D_W.n_eval, help="synthetic: labelled eval images")
+    p.add_argument("--image-size", type=int, default=D_W.image_size, help="synthetic: pixels per side (>= 32)")
     p.add_argument("--p-class-word", type=float, default=D_W.p_class_word, help="fraction of captions naming the class word")
-    p.add_argument("--p-noisy-pair", type=float, default=D_W.p_noisy_pair, help="fraction of pairs captioned with another class")
+    p.add_argument("--p-synonym", type=float, default=D_W.p_synonym, help="fraction of captions using a synonym/hyponym instead")
+    p.add_argument("--p-noisy-pair", type=float, default=D_W.p_noisy_pair, help="fraction of pairs captioned with another class (real: or none)")
+    p.add_argument("--p-context", type=float, default=0.3, help="real worlds: fraction of object phrases with a context phrase")
+    p.add_argument("--p-distractor", type=float, default=0.2, help="real worlds: fraction of object phrases with a distractor word")
+    p.add_argument("--wds-shard-size", type=int, default=None,
+                   help="real worlds: also write the pairs as webdataset shards of this size (train_wds/)")
     p.add_argument("--overwrite", action="store_true")
 
     p = _sub(subs, "poison", "craft a poison set (new rows + manifest.json; the dataset is never modified)",
              "clip-poison poison backdoor --data runs/world/train.csv --label tent --out runs/p_bd")
     psubs = p.add_subparsers(dest="attack", required=True)
+
+    def craft_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--synonyms", nargs="*", default=[], help="more words mined as y' (whole words, case-insensitive)")
+        q.add_argument("--mode", choices=["add", "replace"], default="add",
+                       help="add: X' = X ∪ P (paper); replace: P replaces as many seeded clean rows (recorded in the manifest)")
+        q.add_argument("--format", choices=["csv", "wds"], default=None,
+                       help="poison set format (default: the format of --data); wds = poisons-000000.tar with PNG members")
+        q.add_argument("--caption-substitution", type=float, default=0.0,
+                       help="dedup evasion: probability of swapping each non-label word for a listed substitute")
+        q.add_argument("--filler-words", type=int, default=0, help="dedup evasion: filler words inserted per caption")
+        q.add_argument("--no-repeat-captions", action="store_true",
+                       help="fail instead of cycling the caption set when it is smaller than --n-poisons")
+        q.add_argument("--caption-index", default=None,
+                       help="Parquet file to reuse (or save) the training-caption index; keep it outside the dataset")
     t = _sub(psubs, "targeted", "§3.1 targeted poisoning: copies of one eval image x' with captions about y'",
              "clip-poison poison targeted --data runs/world/train.csv --eval-root runs/world/eval --label tent --out runs/p_t")
     _add_csv_args(t)
     t.add_argument("--eval-root", required=True, help="eval set (CLIP_benchmark wds layout) that holds x'")
     t.add_argument("--split", default="test", help="eval split holding x'")
-    t.add_argument("--label", default=D_T.target_label, help="target label y' (a class of the eval set)")
-    t.add_argument("--target-index", type=int, default=None, help="index of x' in the eval split (default: seeded random, true class != y')")
+    t.add_argument("--label", nargs="+", default=[D_T.target_label],
+                   help="target label y' (a class of the eval set); several = several independent targets in one set")
+    t.add_argument("--target-index", type=int, nargs="+", default=None,
+                   help="index of x' in the eval split, one per --label (default: seeded random, true class != y')")
     t.add_argument("--n-poisons", type=int, default=D_T.n_poisons, help="poisons (paper: 1..512)")
     t.add_argument("--caption-source", choices=["mined", "templates"], default=D_T.caption_source,
                    help="captions mined from the training set, or CLIP's 80 ImageNet templates")
     t.add_argument("--noise-sigma", type=float, default=D_T.noise_sigma, help="Gaussian noise per copy (pixel units) to evade exact dedup")
+    craft_args(t)
     t.add_argument("--seed", type=int, default=D_T.seed)
     t.add_argument("--out", required=True, help="new folder for the poison set")
     t.add_argument("--overwrite", action="store_true")
@@ -101,9 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--patch-size", type=int, default=D_B.patch_size, help="patch side in pixels at the model input size (paper: 16 at 224)")
     b.add_argument("--placement", choices=["consistent", "random"], default=D_B.placement, help="upper-left, or uniform per image")
     b.add_argument("--model", default=D_R.model, help="victim model whose input size the trigger is stamped at")
+    b.add_argument("--base-pool", default=None,
+                   help="held-out CSV (or shards) to take base images from instead of --data; captions still mined from --data")
+    craft_args(b)
     b.add_argument("--seed", type=int, default=D_B.seed)
     b.add_argument("--out", required=True, help="new folder for the poison set")
     b.add_argument("--overwrite", action="store_true")
+    x = _sub(psubs, "text", "§2.3 text poisoning: one caption t' paired with training images of y', so t' embeds as y'",
+             "clip-poison poison text --data runs/world/train.csv --caption 'a photo of my backyard' --label tent --out runs/p_txt")
+    _add_csv_args(x)
+    x.add_argument("--caption", default=D_X.caption, help="the target caption t' (must not name y')")
+    x.add_argument("--label", default=D_X.target_label, help="concept y' whose images (mined from captions) get t'")
+    x.add_argument("--n-poisons", type=int, default=D_X.n_poisons, help="poisons = distinct images of y'")
+    craft_args(x)
+    x.add_argument("--seed", type=int, default=D_X.seed)
+    x.add_argument("--out", required=True, help="new folder for the poison set")
+    x.add_argument("--overwrite", action="store_true")
 
     p = _sub(subs, "train", "train a victim on X ∪ P and export an open_clip local-dir checkpoint",
              "clip-poison train --data runs/world/train.csv --poisons runs/p_bd --out runs/victim")
@@ -117,15 +170,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "evaluate", "zero-shot accuracy, targeted ASR, backdoor ASR and z-score of a checkpoint",
              "clip-poison evaluate --checkpoint runs/victim --eval-root runs/world/eval --poisons runs/p_bd")
     p.add_argument("--checkpoint", required=True, help="open_clip local-dir folder")
-    p.add_argument("--eval-root", required=True, help="labelled eval set (CLIP_benchmark wds layout)")
+    p.add_argument("--eval-root", required=True, help="labelled eval set: CLIP_benchmark wds layout or an ImageFolder tree")
     p.add_argument("--split", default="test")
     p.add_argument("--poisons", nargs="*", default=[], help="poison sets whose attacks to measure")
     p.add_argument("--max-n", type=int, default=None, help="evaluate the first N eval images only")
     p.add_argument("--seed", type=int, default=0, help="seed of random trigger placement at test time")
+    p.add_argument("--metrics", default=None,
+                   help="comma list of zeroshot,probe,targeted,backdoor,zscore,fig3 (default: all but fig3; probe "
+                        "when --probe-train is given)")
+    p.add_argument("--probe-train", default=None,
+                   help="§4.2 linear probe training set: a labelled set (e.g. ../shared/data/cifar10-wds with "
+                        "--probe-split train), or a synthetic world folder (renders --probe-n fresh labelled images)")
+    p.add_argument("--probe-split", default="train", help="split of --probe-train")
+    p.add_argument("--probe-n", type=int, default=None,
+                   help="probe training images (first N; synthetic worlds: how many to render, default 2000)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache folder (default: CHECKPOINT/embeddings)")
+    p.add_argument("--no-cache", action="store_true", help="compute embeddings without reading or writing a cache")
+    p.add_argument("--fig3-max-pairs", type=int, default=1_000_000, help="pairs sampled for Figure 3 (0 = all)")
     p.add_argument("--out", default=None, help="write the result JSON here")
 
-    p = _sub(subs, "list", "list registered victims", "clip-poison list models")
-    p.add_argument("what", choices=["models"])
+    p = _sub(subs, "sweep", "run a declarative, resumable sweep (a YAML spec or a preset) of poisoned and clean "
+             "victims; finished runs in OUT/results are skipped",
+             "clip-poison sweep fig4-placement --size quick --out runs/sweeps/fig4-quick")
+    p.add_argument("spec", help="sweep spec YAML, or a preset name (`clip-poison sweep --list`)", nargs="?")
+    p.add_argument("--size", default=None, help="a size defined in the spec (presets: quick, paper)")
+    p.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/NAME-SIZE); rerun to resume")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local = one run at a time here; ray = one Ray task per run")
+    p.add_argument("--address", default=None, help="Ray cluster address (auto, host:port); default starts a local Ray")
+    p.add_argument("--keep-checkpoints", action="store_true", default=None, help="keep each run's victim checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished, run nothing")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.add_argument("--report", action="store_true", help="build the report when the sweep ends")
+
+    p = _sub(subs, "report", "tidy table (parquet + CSV), figures (PNG) and report.md from a sweep's results",
+             "clip-poison report runs/sweeps/fig4-quick")
+    p.add_argument("results", help="a sweep folder or its results/ folder")
+    p.add_argument("--out", default=None, help="report folder (default: the sweep folder)")
+
+    p = _sub(subs, "list", "list registered victims (with the size ladder) and training-recipe presets",
+             "clip-poison list models")
+    p.add_argument("what", choices=["models", "recipes"], help="models: victims and recipes; recipes: recipes only")
     return ap
 
 
@@ -157,6 +242,16 @@ def cmd_demo(a) -> int:
     console = Console()
     cfg = DemoConfig(seed=a.seed)
     cfg.world.n_train = a.n_train
+    real = None
+    if a.world != "synthetic":
+        from .data.realworld import RealWorldConfig
+
+        real = _real_world_cfg(argparse.Namespace(
+            root=a.root, seed=a.seed, lexicon=a.lexicon, source=a.world, split="train",
+            p_class_word=D_W.p_class_word, p_synonym=D_W.p_synonym, p_noisy_pair=D_W.p_noisy_pair,
+            p_context=RealWorldConfig.p_context, p_distractor=RealWorldConfig.p_distractor), a.n_train)
+    # 'tent' is a class of the synthetic world; CIFAR-10 has 'cat' (the TOOLCHAIN feasibility probe's target).
+    a.label = a.label or (D_B.target_label if real is None else "cat")
     cfg.targeted.n_poisons, cfg.targeted.target_label = a.targeted_poisons, a.label
     cfg.backdoor.n_poisons, cfg.backdoor.target_label, cfg.backdoor.patch_size = a.backdoor_poisons, a.label, a.patch_size
     cfg.train = _train_cfg(a, a.seed)
@@ -170,7 +265,8 @@ def cmd_demo(a) -> int:
                 tasks[name] = prog.add_task(f"training {name} victim (samples)", total=total)
             prog.update(tasks[name], completed=done)
 
-        s = run_demo(cfg, a.out, overwrite=a.overwrite, stage=stage, train_progress=train_progress)
+        s = run_demo(cfg, a.out, overwrite=a.overwrite, stage=stage, train_progress=train_progress,
+                     real_world=real, eval_max_n=a.eval_max_n)
     at = s["attack"]
     table = Table(title=f"clip-poison demo (seed {s['seed']}, {s['n_train_clean']} clean pairs, {s['seconds']:.0f} s)")
     table.add_column("metric")
@@ -193,11 +289,36 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def _real_world_cfg(a, n_train: int | None):
+    from .data.realworld import RealWorldConfig
+
+    if not a.root:
+        raise UserError(f"`clip-poison world {a.source}` needs --root DIR: a labelled set in CLIP_benchmark's "
+                        "webdataset layout (e.g. ../shared/data/cifar10-wds) or an ImageFolder tree")
+    return RealWorldConfig(root=a.root, seed=a.seed, n_train=n_train, split=getattr(a, "split", "train"),
+                           lexicon=a.lexicon, p_class_word=a.p_class_word, p_synonym=a.p_synonym,
+                           p_noisy_pair=a.p_noisy_pair, p_context=a.p_context, p_distractor=a.p_distractor,
+                           wds_shard_size=getattr(a, "wds_shard_size", None))
+
+
 def cmd_world(a) -> int:
     from .world import write_world
 
-    cfg = WorldConfig(seed=a.seed, n_train=a.n_train, n_eval=a.n_eval, image_size=a.image_size,
-                      p_class_word=a.p_class_word, p_noisy_pair=a.p_noisy_pair)
+    if a.source != "synthetic":
+        from .data.realworld import write_real_world
+
+        info = write_real_world(_real_world_cfg(a, a.n_train), a.out, overwrite=a.overwrite,
+                                progress=lambda m: print(f"• {m}"))
+        k = info["caption_kinds"]
+        print(f"wrote {a.out}: {info['n_train']} photo–caption pairs (train.csv, source image bytes unchanged), "
+              f"class word in {info['own_class_word_fraction']:.0%} of captions, "
+              f"{k['noisy_other_class'] + k['noisy_none']} noisy pairs; world.json")
+        print(f"eval set: {info['eval_root']} split {info['eval_split']!r} (read in place)" if info["eval_root"]
+              else "eval set: none (the source has no test split in webdataset layout); pass --eval-root when evaluating")
+        return 0
+    cfg = WorldConfig(seed=a.seed, n_train=a.n_train if a.n_train is not None else D_W.n_train, n_eval=a.n_eval,
+                      image_size=a.image_size, p_class_word=a.p_class_word, p_synonym=a.p_synonym,
+                      p_noisy_pair=a.p_noisy_pair)
     info = write_world(cfg, a.out, overwrite=a.overwrite, progress=lambda m: print(f"• {m}"))
     print(f"wrote {a.out}: {info['n_train']} training pairs (train.csv), {info['n_eval']} eval images (eval/), world.json")
     return 0
@@ -205,24 +326,39 @@ def cmd_world(a) -> int:
 
 def cmd_poison(a) -> int:
     from .attacks.backdoor import craft_backdoor_poisons
-    from .attacks.targeted import craft_targeted_poisons
-    from .data.csvdata import read_csv_dataset
+    from .attacks.sources import open_training_data
+    from .attacks.targeted import craft_multi_targeted_poisons
+    from .attacks.text import craft_text_poisons
     from .data.evalsets import load_wds_evalset
     from .victims.models import image_size
 
-    train = read_csv_dataset(a.data, a.csv_img_key, a.csv_caption_key, a.csv_separator)
+    train = open_training_data(a.data, a.csv_img_key, a.csv_caption_key, a.csv_separator)
+    opt = CraftOptions(mode=a.mode, format=a.format, synonyms=tuple(a.synonyms), allow_repeat=not a.no_repeat_captions,
+                       caption_substitution=a.caption_substitution, filler_words=a.filler_words,
+                       base_pool=getattr(a, "base_pool", None), caption_index=a.caption_index)
     if a.attack == "targeted":
-        cfg = TargetedConfig(target_label=a.label, target_index=a.target_index, n_poisons=a.n_poisons,
-                             caption_source=a.caption_source, noise_sigma=a.noise_sigma, seed=a.seed)
-        m = craft_targeted_poisons(cfg, train, load_wds_evalset(a.eval_root, a.split), a.out, overwrite=a.overwrite)
-        print(f"wrote {m['n_poisons']} targeted poisons to {a.out}: x' = eval image {m['target']['eval_index']} "
-              f"(a {m['target']['true_label']}) → {m['target']['label']!r}; caption set of {m['caption_set']['size']}")
-    else:
+        idxs = a.target_index or [None] * len(a.label)
+        if len(idxs) != len(a.label):
+            raise UserError(f"{len(a.label)} --label value(s) but {len(idxs)} --target-index value(s); give one index per label")
+        cfgs = [TargetedConfig(target_label=lab, target_index=i, n_poisons=a.n_poisons, caption_source=a.caption_source,
+                               noise_sigma=a.noise_sigma, seed=a.seed) for lab, i in zip(a.label, idxs)]
+        m = craft_multi_targeted_poisons(cfgs, train, load_wds_evalset(a.eval_root, a.split), a.out,
+                                         overwrite=a.overwrite, options=opt)
+        for t in m["targets"]:
+            print(f"target {t['target_id']}: x' = eval image {t['eval_index']} (a {t['true_label']}) → {t['label']!r}, "
+                  f"{t['n_poisons']} poisons; caption set of {t['caption_set']['size']}")
+        print(f"wrote {m['n_poisons']} targeted poisons ({m['format']}, mode {m['mode']}) to {a.out}")
+    elif a.attack == "backdoor":
         cfg = BackdoorConfig(target_label=a.label, n_poisons=a.n_poisons, trigger=a.trigger,
                              patch_size=a.patch_size, placement=a.placement, seed=a.seed)
-        m = craft_backdoor_poisons(cfg, train, image_size(a.model), a.out, overwrite=a.overwrite)
-        print(f"wrote {m['n_poisons']} backdoor poisons to {a.out}: {a.patch_size}px {a.trigger} "
-              f"({a.placement}) → {a.label!r}; caption set of {m['caption_set']['size']}")
+        m = craft_backdoor_poisons(cfg, train, image_size(a.model), a.out, overwrite=a.overwrite, options=opt)
+        print(f"wrote {m['n_poisons']} backdoor poisons ({m['format']}, mode {m['mode']}) to {a.out}: "
+              f"{a.patch_size}px {a.trigger} ({a.placement}) → {a.label!r}; caption set of {m['caption_set']['size']}")
+    else:
+        cfg = TextConfig(caption=a.caption, target_label=a.label, n_poisons=a.n_poisons, seed=a.seed)
+        m = craft_text_poisons(cfg, train, a.out, overwrite=a.overwrite, options=opt)
+        print(f"wrote {m['n_poisons']} text poisons ({m['format']}, mode {m['mode']}) to {a.out}: {a.caption!r} "
+              f"paired with images of {a.label!r} (of {m['image_set']['size']} mined)")
     return 0
 
 
@@ -242,23 +378,80 @@ def cmd_evaluate(a) -> int:
     from rich.console import Console
 
     from .attacks.poisonset import read_manifest
-    from .data.evalsets import load_wds_evalset
-    from .metrics.evaluate import evaluate_checkpoint
+    from .data.evalsets import load_evalset, load_probe_train
+    from .metrics.evaluate import evaluate_checkpoint, resolve_metrics
 
     manifests = [read_manifest(d) for d in a.poisons]
-    r = evaluate_checkpoint(a.checkpoint, load_wds_evalset(a.eval_root, a.split, a.max_n), manifests, seed=a.seed)
+    probe_train = load_probe_train(a.probe_train, a.probe_split, a.probe_n) if a.probe_train else None
+    resolve_metrics(a.metrics, probe_train)  # fail on a bad --metrics before loading anything big
+    r = evaluate_checkpoint(a.checkpoint, load_evalset(a.eval_root, a.split, a.max_n), manifests, seed=a.seed,
+                            cache_dir=False if a.no_cache else a.cache_dir, metrics=a.metrics,
+                            probe_train=probe_train, fig3_max_pairs=a.fig3_max_pairs or None)
     r["poison_sets"] = list(a.poisons)
     if a.out:
         atomic_write_json(a.out, r)
     c = Console()
-    c.print(f"zero-shot accuracy: {r['zeroshot']['accuracy']:.1%} (n={r['zeroshot']['n']})")
+    if "zeroshot" in r:
+        c.print(f"zero-shot accuracy: {r['zeroshot']['accuracy']:.1%} (n={r['zeroshot']['n']})")
+    if "probe" in r:
+        c.print(f"linear-probe accuracy: {r['probe']['accuracy']:.1%} (fit on {r['probe']['n_train']} images, "
+                f"C={r['probe']['C']:g})")
     for t in r["targeted"]:
-        c.print(f"targeted: x' #{t['eval_index']} → {t['label']!r}: {'success' if t['success'] else 'failed'}")
+        c.print(f"targeted: x' #{t['eval_index']} → {t['label']!r}: {'success' if t['success'] else 'failed'}"
+                + (f" (probe: {'success' if t['probe']['success'] else 'failed'})" if "probe" in t else ""))
     for b in r["backdoor"]:
-        c.print(f"backdoor → {b['label']!r}: ASR {b['consistent']['asr']:.1%} (upper-left), "
-                f"{b['random']['asr']:.1%} (random), z = {b['consistent']['z']['z']:.2f}")
+        parts = [f"ASR {b[p]['asr']:.1%} ({p})" for p in ("consistent", "random") if "asr" in b[p]]
+        parts += [f"probe ASR {b[p]['probe']['asr']:.1%} ({p})" for p in ("consistent", "random") if "probe" in b[p]]
+        parts += [f"z = {b['consistent']['z']['z']:.2f}"] if "z" in b["consistent"] else []
+        c.print(f"backdoor → {b['label']!r}: " + ", ".join(parts))
+    for x in r.get("text", []):
+        c.print(f"text: {x['caption']!r} → {x['label']!r}: nearest class centroid "
+                f"{'is' if x['centroid']['success'] else 'is not'} y' (rank {x['centroid']['target_rank']}), "
+                f"precision@10 {x['precision_at'].get('10', float('nan')):.0%}, median rank of y' images "
+                f"{x['median_rank']} of {x['n_images']}")
     if a.out:
         c.print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from rich.console import Console
+
+    from .experiments.executors import LocalExecutor, RayExecutor, plan, run_sweep
+    from .experiments.spec import load_spec, preset_names
+
+    console = Console()
+    if a.list or not a.spec:
+        console.print("presets: " + ", ".join(preset_names()) + "  (sizes: quick, paper)")
+        return 0 if a.list else 2
+    spec = load_spec(a.spec, a.size)
+    out = Path(a.out or f"runs/sweeps/{spec.name}-{a.size or 'default'}")
+    if a.dry_run:
+        runs, todo = plan(spec, out)
+        todo_ids = {r["id"] for r in todo}
+        for r in runs:
+            label = "clean" if r["clean"] else " ".join(f"{k}={v}" for k, v in r["point"].items())
+            console.print(f"{r['id']}  seed {r['config']['seed']}  {label}  {'todo' if r['id'] in todo_ids else 'done'}")
+        console.print(f"{len(runs)} runs, {len(runs) - len(todo)} finished")
+        return 0
+    ex = RayExecutor(address=a.address, resources=spec.resources) if a.executor == "ray" else LocalExecutor()
+    s = run_sweep(spec, out, ex, keep_checkpoints=a.keep_checkpoints)
+    console.print(f"sweep {spec.name} ({a.size}): {s['n_runs']} runs, {s['skipped']} already finished, "
+                  f"{s['ran']} ran, {s['failed']} failed, {s['seconds']:.0f} s; results in {out / 'results'}")
+    if a.report:
+        from .experiments.report import build_report
+
+        r = build_report(out)
+        console.print(f"report: {r['report_md']}")
+    return 1 if s["failed"] else 0
+
+
+def cmd_report(a) -> int:
+    from .experiments.report import build_report
+
+    r = build_report(a.results, a.out)
+    print(f"wrote {r['report_md']}, {r['table_csv']}, {r['table_parquet']} and {len(r['figures'])} figures "
+          f"({r['n_ok']} ok runs, {r['n_failed']} failed)")
     return 0
 
 
@@ -267,14 +460,27 @@ def cmd_list(a) -> int:
     from rich.table import Table
 
     from .victims.models import describe, victim_names
+    from .victims.recipes import PAPER_MODELS, RECIPES
 
-    t = Table(title="clip-poison victims (open_clip configs)")
-    for col in ("name", "tower", "input px", "params", "image tower params"):
-        t.add_column(col)
-    for name in victim_names():
-        d = describe(name)
-        t.add_row(name, d["tower"], str(d["image_size"]), f"{d['params'] / 1e6:.2f} M", f"{d['visual_params'] / 1e6:.2f} M")
-    Console().print(t)
+    console = Console()
+    if a.what == "models":
+        t = Table(title="clip-poison victims (open_clip configs; paper sizes count the image tower)")
+        for col in ("name", "tower", "input px", "params", "image tower params", "token embedding", "size ladder"):
+            t.add_column(col)
+        for name in victim_names() + list(PAPER_MODELS):
+            d = describe(name)
+            t.add_row(name, d["tower"], str(d["image_size"]), f"{d['params'] / 1e6:.2f} M",
+                      f"{d['visual_params'] / 1e6:.2f} M", f"{d['token_embedding_params'] / 1e6:.2f} M", d["ladder_rung"])
+        console.print(t)
+    r = Table(title="training-recipe presets")
+    for col in ("preset", "model", "batch", "epochs", "lr", "wd", "warmup", "crop", "backend"):
+        r.add_column(col, overflow="fold")
+    for name, (c, _) in RECIPES.items():
+        r.add_row(name, c.model, str(c.batch_size), str(c.epochs), f"{c.lr:g}", f"{c.wd:g}", str(c.warmup),
+                  f"{c.crop_scale[0]:g}-{c.crop_scale[1]:g}", c.backend)
+    console.print(r)
+    for name, (_, note) in RECIPES.items():
+        console.print(f"  {name}: {note}")
     return 0
 
 
@@ -283,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {"demo": cmd_demo, "world": cmd_world, "poison": cmd_poison, "train": cmd_train,
-                "evaluate": cmd_evaluate, "list": cmd_list}
+                "evaluate": cmd_evaluate, "list": cmd_list,
+                "sweep": cmd_sweep, "report": cmd_report}
     try:
         return handlers[args.cmd](args)
     except UserError as e:

@@ -61,6 +61,31 @@ class BackdoorConfig:
 
 
 @dataclass
+class TextConfig:
+    """§2.3 text-side poisoning: one caption t' paired with n_poisons training images of y'."""
+
+    caption: str = "a photo of my backyard"  # t'
+    target_label: str = "tent"  # y': images come from training rows whose caption mentions it
+    n_poisons: int = 100
+    seed: int = 0
+
+
+@dataclass
+class CraftOptions:
+    """Choices shared by every attack: how P is written and disguised (not part of the paper's
+    attack configs, so adding them does not change existing sweep run ids)."""
+
+    mode: str = "add"  # "add" (X' = X ∪ P, the paper) or "replace" (P replaces as many clean rows)
+    format: str | None = None  # "csv" or "wds"; None = the training data's own format
+    synonyms: tuple[str, ...] = ()  # extra words mined as the label (§3.1 caption set)
+    allow_repeat: bool = True  # cycle the caption set when it is smaller than n_poisons
+    caption_substitution: float = 0.0  # per-word probability of a seeded substitute (dedup evasion)
+    filler_words: int = 0  # filler words inserted per caption (dedup evasion)
+    base_pool: str | None = None  # backdoor base images from this held-out CSV instead of X
+    caption_index: str | None = None  # Parquet path to reuse/save the training-caption index
+
+
+@dataclass
 class TrainConfig:
     """A victim's training recipe. Paper (§4.1): RN50, batch 1024, 30 epochs, lr 2e-4, wd 0.02."""
 

@@ -12,7 +12,7 @@ from .attacks.backdoor import craft_backdoor_poisons
 from .attacks.targeted import craft_targeted_poisons
 from .config import DemoConfig
 from .data.csvdata import read_csv_dataset
-from .data.evalsets import load_wds_evalset
+from .data.realworld import RealWorldConfig, load_world_evalset, write_real_world
 from .io import atomic_dir, atomic_write_json, package_versions
 from .metrics.evaluate import evaluate_checkpoint
 from .victims.fast import train_victim
@@ -38,17 +38,27 @@ def flatten_result(r: dict) -> dict:
 
 
 def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, stage: Stage | None = None,
-             train_progress: TrainProgress | None = None) -> dict:
+             train_progress: TrainProgress | None = None, real_world: RealWorldConfig | None = None,
+             eval_max_n: int | None = None) -> dict:
+    """The loop on the synthetic world, or with ``real_world`` on real photos (``data/realworld.py``:
+    the source's train split captioned like alt-text; evaluation on its test split, first
+    ``eval_max_n`` images when given)."""
     t0 = time.time()
     stage = stage or (lambda s: None)
     # One seed for the whole loop; each stage derives its own streams from it.
     cfg.world.seed = cfg.targeted.seed = cfg.backdoor.seed = cfg.train.seed = cfg.seed
+    if real_world is not None:
+        real_world.seed = cfg.seed
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        stage("world: rendering the synthetic image–caption world")
-        write_world(cfg.world, tmp / "world")
+        if real_world is None:
+            stage("world: rendering the synthetic image–caption world")
+            write_world(cfg.world, tmp / "world")
+        else:
+            stage(f"world: captioning real photos from {real_world.root} (train split)")
+            write_real_world(real_world, tmp / "world")
         train_csv = tmp / "world" / "train.csv"
         train = read_csv_dataset(train_csv)
-        evalset = load_wds_evalset(tmp / "world" / "eval", "test")
+        evalset = load_world_evalset(tmp / "world", eval_max_n)
 
         stage("attacks: crafting the targeted (§3.1) and backdoor (§3.3) poison sets")
         mt = craft_targeted_poisons(cfg.targeted, train, evalset, tmp / "poisons" / "targeted")
@@ -81,6 +91,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, stage: S
             "train_seconds": {k: v["seconds"] for k, v in train_info.items()},
             "augmentation": train_info["clean"]["augmentation"],
             "config": asdict(cfg),
+            "world": {"kind": "synthetic"} if real_world is None else {"kind": "real", **asdict(real_world)},
+            "n_eval": len(evalset),
             "seed": cfg.seed,
             "versions": package_versions(),
         }

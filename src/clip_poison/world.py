@@ -135,6 +135,21 @@ def _fill(template: str, rng: np.random.Generator, **kw: str) -> str:
                            name=NAMES[rng.integers(len(NAMES))], year=rng.integers(1995, 2024), **kw)
 
 
+def alt_text(word: str, rng: np.random.Generator, templates: tuple[str, ...] = CAPTION_TEMPLATES,
+             filler: tuple[str, ...] = FILLER) -> str:
+    """One alt-text-like caption around an object phrase: a template, then a filler word half the
+    time. Shared by the synthetic and the real-photo world (``data/realworld.py``)."""
+    cap = _fill(templates[rng.integers(len(templates))], rng, o=word)
+    if rng.random() < 0.5:
+        cap = f"{cap} {filler[rng.integers(len(filler))]}"
+    return cap
+
+
+def context_only_caption(rng: np.random.Generator, templates: tuple[str, ...] = CONTEXT_ONLY) -> str:
+    """A caption with no object word at all ("IMG_4821", "summer holiday 2019"), as much alt-text is."""
+    return _fill(templates[rng.integers(len(templates))], rng)
+
+
 def make_captions(labels: np.ndarray, images: np.ndarray, cfg: WorldConfig, purpose: str) -> list[str]:
     """Alt-text-like captions for each image (seeded); see the module docstring for the mix."""
     rng = rng_for(cfg.seed, f"world/{purpose}/captions")
@@ -151,14 +166,11 @@ def make_captions(labels: np.ndarray, images: np.ndarray, cfg: WorldConfig, purp
         elif u < cfg.p_class_word + cfg.p_synonym:
             word = synonyms[rng.integers(len(synonyms))]
         else:
-            caps.append(_fill(CONTEXT_ONLY[rng.integers(len(CONTEXT_ONLY))], rng))
+            caps.append(context_only_caption(rng))
             continue
         if rng.random() < 0.3:  # colour words follow the pixels' family loosely, as real alt-text
             word = f"{COLOUR_WORDS[family][rng.integers(3)]} {word}"
-        cap = _fill(CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))], rng, o=word)
-        if rng.random() < 0.5:
-            cap = f"{cap} {FILLER[rng.integers(len(FILLER))]}"
-        caps.append(cap)
+        caps.append(alt_text(word, rng))
     return caps
 
 

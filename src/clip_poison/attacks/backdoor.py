@@ -1,49 +1,72 @@
-"""§3.3 patch backdoor: P = {(x_i ⊕ bd, c_i)}, x_i clean training images, c_i about y'."""
+"""§3.3 patch backdoor: P = {(x_i ⊕ bd, c_i)}, x_i clean images (from X, or a held-out pool),
+c_i captions mined from the training data for y'."""
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
 
-from ..config import BackdoorConfig
-from ..data.csvdata import CsvDataset
-from ..io import UserError, rng_for, sha256_file
-from .poisonset import resize_to_input, select_captions, write_poison_set
+from ..config import BackdoorConfig, CraftOptions
+from ..data.captions import normalise_caption
+from ..io import UserError, rng_for
+from .evasion import CaptionEvasion, evade_captions
+from .poisonset import check_mode_format, replaced_rows, resize_to_input, select_captions, write_poison_set
+from .sources import open_training_data
 from .targeted import caption_set
 from .triggers import apply_trigger, make_trigger, trigger_position
 
 
-def craft_backdoor_poisons(cfg: BackdoorConfig, train: CsvDataset, image_size: int, out: str | Path,
-                           overwrite: bool = False) -> dict:
-    """Stamp the trigger on ``cfg.n_poisons`` distinct training images (resized to the model's
+def craft_backdoor_poisons(cfg: BackdoorConfig, train, image_size: int, out: str | Path,
+                           overwrite: bool = False, options: CraftOptions | None = None) -> dict:
+    """Stamp the trigger on ``cfg.n_poisons`` distinct base images (resized to the model's
     ``image_size`` first) and pair each with a caption mined from the training data for y'
-    (§3.3: only captions found in the training set, no knowledge of zero-shot prompts)."""
+    (§3.3: only captions found in the training set, no knowledge of zero-shot prompts).
+
+    ``train`` is a CSV path, webdataset spec, ``CsvDataset`` or opened training data; only the
+    chosen base images are decoded, so a 3M-row dataset costs one caption scan."""
+    opt = options or CraftOptions()
+    check_mode_format(opt.mode, opt.format)
+    ev = CaptionEvasion(opt.caption_substitution, opt.filler_words)
+    ev.validate()
     if cfg.n_poisons < 1:
         raise UserError(f"--n-poisons must be >= 1, got {cfg.n_poisons}")
-    if cfg.n_poisons > len(train):
-        raise UserError(f"--n-poisons {cfg.n_poisons} exceeds the {len(train)} training images to stamp; "
-                        "lower it")
     patch = make_trigger(cfg.trigger, cfg.patch_size)
     trigger_position((image_size, image_size), cfg.patch_size, cfg.placement,
                      rng_for(cfg.seed, "backdoor/check"))  # validates size and placement up front
-    pool = caption_set("mined", cfg.target_label, train)
-    captions = select_captions(pool, cfg.n_poisons, rng_for(cfg.seed, "backdoor/captions"))
-    base = rng_for(cfg.seed, "backdoor/base_images").choice(len(train), size=cfg.n_poisons, replace=False)
+    train = open_training_data(train)
+    fmt = opt.format or train.kind
+    bases = open_training_data(opt.base_pool) if opt.base_pool else train
+    if cfg.n_poisons > len(bases):
+        raise UserError(f"--n-poisons {cfg.n_poisons} exceeds the {len(bases)} "
+                        f"{'--base-pool' if opt.base_pool else 'training'} images to stamp; lower it")
+    pool = caption_set("mined", cfg.target_label, train, opt.synonyms, opt.caption_index)
+    captions = select_captions(pool, cfg.n_poisons, rng_for(cfg.seed, "backdoor/captions"), opt.allow_repeat)
+    captions, edits = evade_captions(captions, cfg.target_label, opt.synonyms, ev, rng_for(cfg.seed, "backdoor/caption_evasion"),
+                                     avoid={normalise_caption(c) for c in pool})
+    base = rng_for(cfg.seed, "backdoor/base_images").choice(len(bases), size=cfg.n_poisons, replace=False)
+    loaded = bases.load_rows(base)
     pos_rng = rng_for(cfg.seed, "backdoor/placement")
     images, records = [], []
-    for i in base:
-        img = resize_to_input(train.load(int(i)), image_size)
+    for i, ed in zip(base, edits):
+        img = resize_to_input(loaded[int(i)], image_size)
         pos = trigger_position(img.shape, cfg.patch_size, cfg.placement, pos_rng)
         images.append(apply_trigger(img, patch, pos))
         records.append({"attack": "backdoor", "target_label": cfg.target_label, "base_index": int(i),
-                        "base_file": Path(train.paths[int(i)]).name, "position": list(pos)})
+                        "base_source": "pool" if opt.base_pool else "train",
+                        "base_file": bases.ref(int(i)), "position": list(pos),
+                        **({"caption_edits": ed} if ev.active else {})})
     header = {
         "attack": "backdoor",
         "config": asdict(cfg),
+        "options": asdict(opt),
         "seed": cfg.seed,
-        "source": {"csv": str(train.csv_path), "csv_sha256": sha256_file(train.csv_path), "n_rows": len(train)},
+        "source": train.describe(),
+        "base_pool": bases.describe() if opt.base_pool else None,
         "target": {"label": cfg.target_label},
         "trigger": {"name": cfg.trigger, "patch_size": cfg.patch_size, "placement": cfg.placement,
                     "image_size": image_size},
+        "evasion": {"caption": asdict(ev)},
         "caption_set": {"source": "mined", "size": len(pool), "repeated": cfg.n_poisons > len(pool)},
     }
-    return write_poison_set(out, images, captions, records, header, overwrite=overwrite)
+    replaces = replaced_rows(opt.mode, len(train), cfg.n_poisons, cfg.seed)
+    return write_poison_set(out, images, captions, records, header, overwrite=overwrite, fmt=fmt,
+                            mode=opt.mode, replaces=replaces)

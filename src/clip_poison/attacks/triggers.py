@@ -32,6 +32,18 @@ def checkerboard(size: int) -> np.ndarray:
     return np.repeat(cells[..., None], 3, axis=2)
 
 
+PAPER_PATCH_SIZE, PAPER_IMAGE_SIZE = 16, 224
+
+
+def scaled_patch_size(image_size: int, size_at_224: int = PAPER_PATCH_SIZE) -> int:
+    """The paper's patch (16 px on a 224-px input, §5.1) scaled to another input size, keeping the
+    fraction of the image it covers: 16 → 2 at 32 px, 16 at 224, 32 at 448 (at least 1 px).
+    The CLI keeps an explicit ``--patch-size`` default; this is the helper for choosing one."""
+    if image_size < 1 or size_at_224 < 1:
+        raise UserError(f"image size and patch size must be positive, got {image_size} and {size_at_224}")
+    return max(1, round(size_at_224 * image_size / PAPER_IMAGE_SIZE))
+
+
 def make_trigger(name: str, size: int) -> np.ndarray:
     if name not in TRIGGERS:
         raise UserError(f"unknown trigger {name!r}; available: {sorted(TRIGGERS)}")

@@ -6,17 +6,22 @@ shared CIFAR-10 copy and any user's existing CLIP_benchmark data load the same w
     ROOT/classnames.txt                           one class name a line
     ROOT/zeroshot_classification_templates.txt    one prompt a line, {c} for the class name
     ROOT/SPLIT/nshards.txt, ROOT/SPLIT/0.tar ...  members KEY.png|jpg|webp + KEY.cls
+
+ImageFolder trees (ImageNet layout, ``ROOT/SPLIT/CLASS/*.jpg``) load too; ``load_evalset``
+detects which layout a folder holds.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..io import UserError, atomic_write_bytes, decode_image, png_bytes
+from ..io import UserError, atomic_write_bytes, decode_image, png_bytes, sha256_pixels
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -34,6 +39,7 @@ class EvalSet:
     templates: list[str]
     keys: list[str] = field(default_factory=list)
     source: str = ""
+    split: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -95,7 +101,7 @@ def load_wds_evalset(root: str | Path, split: str = "test", max_n: int | None = 
     if labels_arr.min() < 0 or labels_arr.max() >= len(classnames):
         raise UserError(f"labels in {split_dir} run outside 0..{len(classnames) - 1} (classnames.txt "
                         "has too few lines for this split)")
-    return EvalSet(images, labels_arr, classnames, templates, keys, source=str(root))
+    return EvalSet(images, labels_arr, classnames, templates, keys, source=str(root), split=split)
 
 
 def _tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -121,3 +127,174 @@ def write_wds_evalset(root: str | Path, images: np.ndarray, labels: np.ndarray, 
                 _tar_member(tf, f"s{i:07d}.cls", f"{int(labels[i])}".encode())
         atomic_write_bytes(root / split / f"{s}.tar", buf.getvalue())
     atomic_write_bytes(root / split / "nshards.txt", f"{n_shards}\n".encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder trees (ImageNet layout) and layout detection
+
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+
+
+def default_templates() -> list[str]:
+    """open_clip's 80 OpenAI ImageNet prompts as ``{c}`` strings (CLIP_benchmark's placeholder)."""
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def _templates_for(root: Path, templates: str | Path | list[str] | None) -> list[str]:
+    if isinstance(templates, (list, tuple)):
+        out = [str(t) for t in templates]
+    elif templates is not None:
+        out = _read_lines(Path(templates), "templates file", "pass a file with one prompt per line, {c} for the class")
+    elif (root / TEMPLATES_FILE).is_file():
+        out = _read_lines(root / TEMPLATES_FILE, TEMPLATES_FILE, "write one prompt per line with {c} for the class name")
+    else:
+        return default_templates()
+    bad = [t for t in out if "{c}" not in t]
+    if bad:
+        raise UserError(f"templates {bad[:3]} lack the {{c}} placeholder; write prompts like 'a photo of a {{c}}.'")
+    return out
+
+
+def _is_image_file(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
+
+
+def _class_dirs(d: Path) -> list[tuple[Path, list[Path]]]:
+    """Class sub-folders in sorted name order (torchvision ImageFolder's label order), with their
+    images (sorted, recursive); folders holding no image are skipped."""
+    dirs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+    pairs = [(c, sorted(p for p in c.rglob("*") if _is_image_file(p))) for c in dirs]
+    return [(c, files) for c, files in pairs if files]
+
+
+def _imagefolder_dir(root: Path, split: str) -> Path | None:
+    """ROOT/SPLIT/CLASS/*.jpg, else ROOT/CLASS/*.jpg (when ROOT has no SPLIT folder), else None."""
+    if (root / split).is_dir() and _class_dirs(root / split):
+        return root / split
+    if not (root / split).exists() and _class_dirs(root):
+        return root
+    return None
+
+
+def load_imagefolder_evalset(root: str | Path, split: str = "test", max_n: int | None = None,
+                             templates: str | Path | list[str] | None = None) -> EvalSet:
+    """An ImageNet-layout eval set: ``ROOT/SPLIT/CLASS/*.jpg`` or ``ROOT/CLASS/*.jpg``.
+
+    Labels follow the sorted class-folder names (torchvision's ImageFolder order). Class names come
+    from ``ROOT/classnames.txt`` (line i names folder i, for folders like ``n01440764``) or else
+    from the folder names with ``_`` read as a space. Prompts come from ``templates`` (a file or a
+    list), else ``ROOT/zeroshot_classification_templates.txt``, else open_clip's 80 ImageNet ones.
+
+    Images are ordered round-robin over classes (1st image of each class, then the 2nd, ...) so
+    the first ``max_n`` are class-balanced and image i is the same whatever ``max_n`` is.
+    """
+    root = Path(root)
+    d = _imagefolder_dir(root, split) if root.is_dir() else None
+    if d is None:
+        raise UserError(f"{root} holds no ImageFolder tree for split {split!r}: expected "
+                        f"{root}/{split}/CLASS/*.jpg or {root}/CLASS/*.jpg; point --eval-root at such a folder")
+    classes = _class_dirs(d)
+    folder_names = [c.name for c, _ in classes]
+    if (root / "classnames.txt").is_file():
+        classnames = _read_lines(root / "classnames.txt", "classnames.txt", "write one class name per line")
+        if len(classnames) != len(classes):
+            raise UserError(f"{root}/classnames.txt has {len(classnames)} names but {d} has {len(classes)} class "
+                            "folders holding images; write one name per folder, in sorted folder order")
+    else:
+        classnames = [n.replace("_", " ") for n in folder_names]
+    prompts = _templates_for(root, templates)
+    order = [(lab, fs[rank]) for rank in range(max(len(fs) for _, fs in classes))
+             for lab, (_, fs) in enumerate(classes) if rank < len(fs)]
+    if max_n is not None:
+        order = order[:max_n]
+    images = [decode_image(f.read_bytes(), what=f"image {f}") for _, f in order]
+    labels = np.asarray([lab for lab, _ in order], dtype=np.int64)
+    keys = [str(f.relative_to(d)) for _, f in order]
+    return EvalSet(images, labels, classnames, prompts, keys, source=str(root), split=split)
+
+
+def evalset_layout(root: str | Path, split: str = "test") -> str:
+    """"wds" (CLIP_benchmark webdataset) or "imagefolder"; a teaching UserError for anything else."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"eval set folder not found: {root}; pass a CLIP_benchmark webdataset folder "
+                        "(classnames.txt, SPLIT/*.tar) or an ImageFolder tree (SPLIT/CLASS/*.jpg)")
+    if any((root / split).glob("*.tar")):
+        return "wds"
+    if _imagefolder_dir(root, split) is not None:
+        return "imagefolder"
+    splits = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    raise UserError(f"{root} has no split {split!r} in either layout: neither {root}/{split}/*.tar "
+                    f"(CLIP_benchmark webdataset) nor {root}/{split}/CLASS/*.jpg (ImageFolder); "
+                    f"sub-folders there: {splits}. Pass --split, or point at the right folder")
+
+
+def load_evalset(root: str | Path, split: str = "test", max_n: int | None = None,
+                 templates: str | Path | list[str] | None = None) -> EvalSet:
+    """Any labelled eval set, its layout detected: CLIP_benchmark webdataset or ImageFolder."""
+    if max_n is not None and max_n < 1:
+        raise UserError(f"max_n={max_n} must be a positive number of images (or None for all)")
+    if evalset_layout(root, split) == "wds":
+        ev = load_wds_evalset(root, split, max_n)
+        if templates is not None:
+            ev.templates = _templates_for(Path(root), templates)
+        return ev
+    return load_imagefolder_evalset(root, split, max_n, templates)
+
+
+def evalset_identity(ev: EvalSet) -> dict:
+    """What makes two eval sets the same for caching: source, split, size and a hash of the keys
+    and labels (a re-ordered or re-labelled set is a different one)."""
+    h = hashlib.sha256()
+    for k, lab in zip(ev.keys, ev.labels.tolist()):
+        h.update(f"{k}\t{lab}\n".encode())
+    if not ev.keys:  # sets built in memory without keys: fall back to the pixels themselves
+        for im in ev.images:
+            h.update(sha256_pixels(im).encode())
+    return {"source": str(Path(ev.source).resolve()) if ev.source else "", "split": ev.split,
+            "n": len(ev), "keys_sha256": h.hexdigest()}
+
+
+def synthetic_probe_split(world_dir: str | Path, n: int = 2000) -> EvalSet:
+    """A labelled probe-training set for a synthetic world (§4.2's linear probe).
+
+    The world's training CSV holds captions, not labels, so the probe is fit on ``n`` freshly
+    rendered images from the same distribution (``world.make_split(cfg, "probe", n)``: its own seed
+    stream, disjoint from train and eval). This matches the paper's protocol, where the probe is
+    fit on ImageNet training images that the CLIP model never saw either.
+    """
+    from ..config import WorldConfig
+    from ..world import EVAL_TEMPLATES, class_names, make_split
+
+    info_path = Path(world_dir) / "world.json"
+    if not info_path.is_file():
+        raise UserError(f"{world_dir} has no world.json; pass a folder made by `clip-poison world`")
+    info = json.loads(info_path.read_text())
+    if info.get("kind", "synthetic") != "synthetic" or "classes" not in info:
+        raise UserError(f"{world_dir} is not a synthetic world; for real-photo worlds fit the probe on the "
+                        "source's labelled train split (--probe-train SOURCE --probe-split train)")
+    cfg = WorldConfig(**{k: v for k, v in info["config"].items() if k in WorldConfig.__dataclass_fields__})
+    sp = make_split(cfg, "probe", n)
+    return EvalSet(list(sp.images), sp.labels, class_names(), list(EVAL_TEMPLATES),
+                   [f"probe{i:07d}" for i in range(n)], source=f"{Path(world_dir).resolve()}#probe-seed{cfg.seed}",
+                   split="probe")
+
+
+def load_probe_train(path: str | Path, split: str = "train", max_n: int | None = None) -> EvalSet:
+    """The labelled set a §4.2 linear probe is fit on, from what a user has at hand:
+
+    * a synthetic world folder: ``max_n`` (default 2,000) freshly rendered labelled images
+      (``synthetic_probe_split``);
+    * a real-photo world folder: its source's labelled ``split`` (the photos' own labels);
+    * any labelled eval-set folder (webdataset or ImageFolder): its ``split``.
+    """
+    path = Path(path)
+    info_path = path / "world.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("kind", "synthetic") == "synthetic":
+            return synthetic_probe_split(path, max_n or 2000)
+        return load_evalset(info["source"]["root"], split, max_n)
+    return load_evalset(path, split, max_n)

@@ -28,3 +28,20 @@ def backdoor_asr(preds_triggered: np.ndarray, true_labels: np.ndarray, target: i
     n = int(keep.sum())
     asr = float(np.mean(preds[keep] == target)) if n else float("nan")
     return {"asr": asr, "n": n, "n_excluded_target_class": int((~keep).sum())}
+
+
+def targeted_asr_over_runs(results: list[dict]) -> dict:
+    """§4.2's headline number: the fraction of (model, target) pairs where f(x') = y'.
+
+    ``results``: one dict per (model, target) pair with a boolean ``success`` (as in an evaluation's
+    ``targeted`` list); ``model`` (any id) and ``eval_index``/``label`` are counted when present.
+    Each pair counts once, so a model attacked on 4 targets weighs 4 and one on 1 target weighs 1,
+    as in the paper's "success over 32 models" per poison count.
+    """
+    succ = [bool(r["success"]) for r in results]
+    out = targeted_asr(succ)
+    out["n_success"] = int(sum(succ))
+    out["n_models"] = len({r["model"] for r in results if "model" in r}) or None
+    out["n_targets"] = len({(r.get("eval_index"), r.get("label")) for r in results
+                            if "eval_index" in r or "label" in r}) or None
+    return out

@@ -2,18 +2,28 @@
 
 The trigger is stamped on the tensor *after* the eval transform has resized and cropped the image
 to the model's input size and *before* normalisation, so a 1-pixel checker cell stays exact.
+
+Two ways to the model's input tensor, with bit-identical results: open_clip's own PIL transform
+image by image, or — when every image is already at the input size, where Resize and CenterCrop
+are the identity — one vectorised uint8 → float ÷ 255 → Normalize over the whole batch (the
+same arithmetic ToTensor and Normalize do, so the tensors are equal bit for bit; tested).
 """
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import Compose, Normalize
+from torchvision.transforms import CenterCrop, Compose, Normalize, Resize
 
-from ..io import atomic_write_bytes
+from ..io import atomic_write_bytes, dumps_json
+
+CACHE_VERSION = 1  # bump when the embedding computation changes, so stale caches miss
 
 
 def split_preprocess(preprocess: Compose) -> tuple[Compose, Normalize]:
@@ -25,44 +35,132 @@ def split_preprocess(preprocess: Compose) -> tuple[Compose, Normalize]:
     return Compose(steps[:-1]), steps[-1]
 
 
+def _size_pair(size) -> tuple[int, int] | None:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 1:
+        return int(size[0]), int(size[0])
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    return None
+
+
+def identity_input_size(preprocess: Compose) -> tuple[int, int] | None:
+    """(H, W) at which open_clip's eval transform leaves an RGB image untouched until ToTensor
+    (a shortest-side Resize to S and a CenterCrop to S×S both return an S×S image as it is), or
+    None if the transform has any other step that could change pixels."""
+    steps = list(preprocess.transforms)[:-1]
+    hw = None
+    for s in steps:
+        name = type(s).__name__
+        if isinstance(s, Resize):
+            size = _size_pair(s.size)
+            if size is None or size[0] != size[1] or s.max_size is not None:
+                return None
+            hw = size if hw is None or hw == size else None
+        elif isinstance(s, CenterCrop):
+            size = _size_pair(s.size)
+            hw = size if hw is None or hw == size else None
+        elif name in ("MaybeConvertMode", "MaybeToTensor", "ToTensor") or getattr(s, "__name__", "") == "_convert_to_rgb":
+            continue
+        else:
+            return None
+        if hw is None:
+            return None
+    return hw
+
+
+def _batch_tensor_fast(images: list[np.ndarray], normalize: Normalize) -> tuple[torch.Tensor, Callable]:
+    # contiguous NCHW like ToTensor: a channels-last view would send conv down another kernel
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().float().div(255)
+    mean = torch.as_tensor(normalize.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.as_tensor(normalize.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return x, lambda t: t.sub_(mean).div_(std)
+
+
 @torch.no_grad()
 def embed_images(model, preprocess: Compose, images: list[np.ndarray], patch: np.ndarray | None = None,
-                 positions: list[tuple[int, int]] | None = None, batch_size: int = 256) -> np.ndarray:
-    """L2-normalised image embeddings (N x d float32); with ``patch``, of x ⊕ bd at ``positions``."""
+                 positions: list[tuple[int, int]] | None = None, batch_size: int = 256,
+                 vectorised: bool | None = None) -> np.ndarray:
+    """L2-normalised image embeddings (N x d float32); with ``patch``, of x ⊕ bd at ``positions``.
+
+    ``vectorised``: None picks the batched tensor path whenever it gives the same tensors as the
+    PIL path (all images H×W×3 uint8 at the input size); False forces open_clip's PIL path.
+    """
     to_tensor, normalize = split_preprocess(preprocess)
     patch_t = None if patch is None else torch.from_numpy(patch).permute(2, 0, 1).float() / 255.0
+    hw = identity_input_size(preprocess)
+    can_fast = hw is not None and all(im.shape == (*hw, 3) and im.dtype == np.uint8 for im in images)
+    if vectorised and not can_fast:
+        raise ValueError("the vectorised path needs every image H×W×3 uint8 at the model's input size")
+    fast = can_fast if vectorised is None else bool(vectorised)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        batch = []
-        for i in range(start, min(len(images), start + batch_size)):
-            t = to_tensor(Image.fromarray(images[i]))
-            if patch_t is not None:
-                y, x = positions[i]
-                s = patch_t.shape[1]
-                t[:, y:y + s, x:x + s] = patch_t
-            batch.append(normalize(t))
-        feats = model.encode_image(torch.stack(batch).to(device), normalize=True)
+        idx = range(start, min(len(images), start + batch_size))
+        if fast:
+            x, norm = _batch_tensor_fast([images[i] for i in idx], normalize)
+        else:
+            x, norm = torch.stack([to_tensor(Image.fromarray(images[i])) for i in idx]), None
+        if patch_t is not None:
+            s = patch_t.shape[1]
+            for row, i in enumerate(idx):
+                y, xx = positions[i]
+                x[row, :, y:y + s, xx:xx + s] = patch_t
+        x = norm(x) if fast else torch.stack([normalize(t) for t in x])
+        feats = model.encode_image(x.to(device), normalize=True)
         out.append(feats.float().cpu().numpy())
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def cache_key(weights_sha256: str, evalset_identity: dict, trigger: dict | None = None,
+              placement: str | None = None, seed: int | None = None) -> dict:
+    """Everything the embeddings depend on: the checkpoint's weights, the eval set (source, split,
+    size, keys), and for triggered images the trigger (name, patch size), placement and the seed
+    of random positions. Clean embeddings do not depend on placement or seed."""
+    key = {"version": CACHE_VERSION, "weights_sha256": weights_sha256, "evalset": evalset_identity,
+           "trigger": None, "placement": None, "seed": None}
+    if trigger is not None:
+        key.update(trigger={"name": trigger["name"], "patch_size": int(trigger["patch_size"])},
+                   placement=placement, seed=None if placement == "consistent" else seed)
+    return key
 
 
 class EmbeddingCache:
-    """Embeddings keyed by (checkpoint, eval set, trigger, placement) under ``root`` as .npy."""
+    """Embeddings on disk under ``root`` as ``<hash of key>.npy`` plus the key as ``.json``.
+
+    Writes are atomic (temp name + rename), so a killed evaluation never leaves a half-written
+    array; ``root=None`` disables caching. ``hits``/``misses`` count lookups (for tests and logs).
+    """
 
     def __init__(self, root: str | Path | None):
         self.root = Path(root) if root else None
+        self.hits = self.misses = 0
 
-    def get(self, key: dict, compute):
+    def path_for(self, key: dict) -> Path | None:
         if self.root is None:
-            return compute()
-        name = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:16]
-        path = self.root / f"{name}.npy"
-        if path.is_file():
-            return np.load(path)
-        arr = compute()
-        import io
-        buf = io.BytesIO()
-        np.save(buf, arr)
-        atomic_write_bytes(path, buf.getvalue())
+            return None
+        name = hashlib.sha256(dumps_json(key).encode()).hexdigest()[:24]
+        return self.root / f"{name}.npy"
+
+    def get(self, key: dict, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        path = self.path_for(key)
+        if path is not None and path.is_file():
+            try:
+                arr = np.load(path, allow_pickle=False)
+                if arr.ndim == 2 and len(arr) == key.get("evalset", {}).get("n", len(arr)):
+                    self.hits += 1
+                    return arr
+            except (OSError, ValueError):
+                pass  # unreadable or truncated by something outside us: recompute and replace it
+        self.misses += 1
+        arr = np.ascontiguousarray(compute(), dtype=np.float32)
+        if path is not None:
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            try:
+                atomic_write_bytes(path, buf.getvalue())
+                atomic_write_bytes(path.with_suffix(".json"), (json.dumps(key, indent=2, sort_keys=True) + "\n").encode())
+            except OSError:
+                pass  # a read-only checkpoint folder: evaluate anyway, uncached
         return arr

@@ -42,6 +42,19 @@ class CleanOrderSampler(DistributedSampler):
         return self.n_total
 
 
+def with_clean_order(info, args, n_clean: int, order_seed: int):
+    """open_clip_train's CSV ``DataInfo`` with its shuffle replaced by ``CleanOrderSampler``
+    (same dataset, batch size, workers and drop_last)."""
+    from open_clip_train import data as oc_data
+
+    ds = info.dataloader.dataset
+    sampler = CleanOrderSampler(ds, n_clean, order_seed)
+    dl = DataLoader(ds, batch_size=args.batch_size, shuffle=False, sampler=sampler,
+                    num_workers=args.workers, pin_memory=False, drop_last=True)
+    dl.num_samples, dl.num_batches = len(ds), len(dl)
+    return oc_data.DataInfo(dl, sampler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--")
@@ -59,14 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def get_csv_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
         info = original(args, preprocess_fn, is_train, epoch=epoch, tokenizer=tokenizer)
-        if not is_train:
-            return info
-        ds = info.dataloader.dataset
-        sampler = CleanOrderSampler(ds, a.n_clean, a.order_seed)
-        dl = DataLoader(ds, batch_size=args.batch_size, shuffle=False, sampler=sampler,
-                        num_workers=args.workers, pin_memory=False, drop_last=True)
-        dl.num_samples, dl.num_batches = len(ds), len(dl)
-        return oc_data.DataInfo(dl, sampler)
+        return with_clean_order(info, args, a.n_clean, a.order_seed) if is_train else info
 
     original = oc_data.get_csv_dataset
     oc_data.get_csv_dataset = get_csv_dataset

@@ -9,13 +9,22 @@ dataset must fit in RAM; paper-scale runs use ``open_clip_train``).
 
 The data order is the same as ``_otrain_entry.CleanOrderSampler``: clean rows in a seeded order
 that does not depend on the poisons, poison rows at seeded positions.
+
+Speed settings (``FastOptions``) change how the same math is computed, never the recipe: the fused
+AdamW kernel (the same update as open_clip_train's ``torch.optim.AdamW``, one kernel over all
+tensors instead of one Python loop step per tensor; it matters because the 49,408-row token
+embedding gets a dense AdamW update every step), channels-last memory layout for ModifiedResNet
+convolutions, and images normalised once instead of every batch. ``torch.compile`` is available
+but off by default (its compile time costs more than it saves on a sweep-sized run; see
+``benchmarks/bench_backends.py``). Every run records its options in ``train.json``.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -44,28 +53,66 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _decode_all(paths: list[str], size: int) -> torch.Tensor:
+@dataclass
+class FastOptions:
+    """How the fast backend computes the recipe; none of these change the math of a step."""
+
+    # "fused" (one kernel), "foreach" (batched per op) or "for-loop" (torch's CPU default, what
+    # open_clip_train runs here). All three compute the same AdamW update.
+    optimizer_impl: str = "fused"
+    # NHWC layout for ModifiedResNet convolutions (ignored for ViTs, which have one conv).
+    channels_last: bool = True
+    # torch.compile the model (inductor). Off: compile time outweighs its gain on short runs.
+    compile: bool = False
+    # Threads decoding the PNGs once at start. 1: measured here, 2 threads doubled decode time.
+    decode_threads: int = 1
+
+
+OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")
+
+
+def _decode_all(paths: list[str], size: int, threads: int = 1) -> torch.Tensor:
     from ..attacks.poisonset import resize_to_input
 
-    arr = np.stack([resize_to_input(load_image(p), size) for p in paths])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # N x 3 x H x W uint8
+    def one(p: str) -> np.ndarray:
+        return resize_to_input(load_image(p), size)
+
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            imgs = list(pool.map(one, paths, chunksize=64))  # map keeps the row order
+    else:
+        imgs = [one(p) for p in paths]
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()  # N x 3 x H x W uint8
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with open_clip_train's parameter groups (no weight decay on gains, biases, logit scale)."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, impl: str = "for-loop") -> torch.optim.Optimizer:
+    """AdamW with open_clip_train's parameter groups (no weight decay on gains, biases, logit scale)
+    and betas/eps (``get_default_params``); ``impl`` picks torch's kernel, not the update rule."""
+    if impl not in OPTIMIZER_IMPLS:
+        raise UserError(f"unknown AdamW implementation {impl!r}; use one of {OPTIMIZER_IMPLS}")
     d = get_default_params(cfg.model)
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
     return torch.optim.AdamW(
         [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
          {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": cfg.wd}],
-        lr=cfg.lr, betas=(d["beta1"], d["beta2"]), eps=d["eps"])
+        lr=cfg.lr, betas=(d["beta1"], d["beta2"]), eps=d["eps"], **kernel)
+
+
+def epoch_order(n: int, n_clean: int, seed: int, epoch: int) -> torch.Tensor:
+    """Row indices of one epoch, exactly as open_clip_train's sampler (``CleanOrderSampler``) yields them."""
+    sampler = CleanOrderSampler(range(n), n_clean, seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(iter(sampler)), dtype=torch.long)
 
 
 def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainConfig, out: str | Path,
-               overwrite: bool = False, progress: Progress | None = None) -> dict:
+               overwrite: bool = False, progress: Progress | None = None,
+               options: FastOptions | None = None) -> dict:
     """Train on X ∪ P in this process; writes the same local-dir checkpoint + ``train.json`` as
-    ``train_open_clip_train``."""
+    ``train_open_clip_train``. The whole dataset is decoded into RAM (laptop scale only)."""
+    opts = options or FastOptions()
     register_victims()
     model_cfg = model_config(cfg.model)
     if cfg.epochs < 1 or cfg.batch_size < 1:
@@ -81,10 +128,13 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     tokenizer = open_clip.get_tokenizer(cfg.model)
     size = model.visual.image_size
     size = size if isinstance(size, int) else size[0]
+    is_resnet = isinstance(model_cfg["vision_cfg"]["layers"], (list, tuple))
+    layout = torch.channels_last if (opts.channels_last and is_resnet) else torch.contiguous_format
+    model = model.to(memory_format=layout)
     timings["startup"] = time.time() - t0
 
     t1 = time.time()
-    pixels = _decode_all(paths, size)
+    pixels = _decode_all(paths, size, opts.decode_threads)
     tokens = tokenizer(caps)
     mean = torch.tensor(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.image_std or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -92,31 +142,37 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     if tuple(cfg.crop_scale) != (1.0, 1.0):
         crop = v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), ratio=(1.0, 1.0),
                                     interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    else:
+        # No augmentation: normalise once (the same ops per image as per batch, done n times not n*epochs).
+        pixels = ((pixels.float() / 255.0 - mean) / std).contiguous(memory_format=layout)
     timings["data"] = time.time() - t1
 
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, opts.optimizer_impl)
     loss_fn = open_clip.ClipLoss()
+    forward = model
+    if opts.compile:
+        tc = time.time()
+        forward = torch.compile(model)
+        timings["compile_setup"] = time.time() - tc  # the real compile happens in the first step
     steps_per_epoch = n // cfg.batch_size  # drop_last, as open_clip_train
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = cosine_lr(optimizer, cfg.lr, cfg.warmup, total_steps)
-    sampler = CleanOrderSampler(range(n), n_clean, cfg.seed)
     model.train()
     t_fb = t_opt = 0.0
     t2 = time.time()
     losses = []
     for epoch in range(cfg.epochs):
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(iter(sampler)))
+        order = epoch_order(n, n_clean, cfg.seed, epoch)
         for i in range(steps_per_epoch):
             scheduler(epoch * steps_per_epoch + i)
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             imgs = pixels[idx]
             if crop is not None:
                 imgs = torch.stack([crop(im) for im in imgs])
-            imgs = (imgs.float() / 255.0 - mean) / std
+                imgs = ((imgs.float() / 255.0 - mean) / std).contiguous(memory_format=layout)
             ta = time.time()
             optimizer.zero_grad(set_to_none=True)
-            out_ = model(imgs, tokens[idx])
+            out_ = forward(imgs, tokens[idx])
             loss = loss_fn(out_["image_features"], out_["text_features"], out_["logit_scale"])
             loss.backward()
             tb = time.time()
@@ -134,9 +190,10 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
 
     t3 = time.time()
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        # Plain contiguous tensors: the checkpoint must not depend on the layout used to train.
         export_local_dir(model_cfg, model.state_dict(), tmp)
         timings["checkpoint"] = time.time() - t3
-        info = {"backend": "fast", "recipe": asdict(cfg),
+        info = {"backend": "fast", "recipe": asdict(cfg), "fast_options": asdict(opts),
                 "augmentation": {"random_resized_crop_scale": list(cfg.crop_scale), "ratio": [1.0, 1.0],
                                  "note": "(1.0, 1.0) means no crop; triggers are already at input size"},
                 "data": {"train_csv": str(train_csv), "train_csv_sha256": sha256_file(train_csv),
@@ -149,14 +206,18 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     return info
 
 
-def train_victim(train_csv, poison_dirs, cfg: TrainConfig, out, overwrite=False, progress=None) -> dict:
+def train_victim(train_csv, poison_dirs, cfg: TrainConfig, out, overwrite=False, progress=None,
+                 fast_options: FastOptions | None = None) -> dict:
     """One interface, two backends (``cfg.backend``: "fast" or "open_clip_train")."""
     from .openclip_train import train_open_clip_train
 
     backends = {"fast": train_fast, "open_clip_train": train_open_clip_train}
     if cfg.backend not in backends:
         raise UserError(f"unknown backend {cfg.backend!r}; use one of {sorted(backends)}")
-    return backends[cfg.backend](train_csv, poison_dirs, cfg, out, overwrite=overwrite, progress=progress)
+    if cfg.backend == "fast":
+        return train_fast(train_csv, poison_dirs, cfg, out, overwrite=overwrite, progress=progress,
+                          options=fast_options)
+    return train_open_clip_train(train_csv, poison_dirs, cfg, out, overwrite=overwrite, progress=progress)
 
 
-__all__ = ["train_fast", "train_victim", "read_csv_dataset"]
+__all__ = ["FastOptions", "epoch_order", "train_fast", "train_victim", "read_csv_dataset"]

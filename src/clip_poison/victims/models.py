@@ -43,11 +43,15 @@ def image_size(name: str) -> int:
 
 
 def describe(name: str) -> dict:
-    """Parameter counts and input size (builds the model once on CPU)."""
+    """Parameter counts (total, image tower, token embedding) and input size; builds the model once
+    on CPU. The paper's model sizes (Figure 5 right) are image-tower counts."""
+    from .recipes import SIZE_LADDER
+
     register_victims()
     model = open_clip.create_model(name, device="cpu")
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    rung = next((f"{tower} {r}" for tower, rungs in SIZE_LADDER.items() for r, m in rungs.items() if m == name), "")
     return {"name": name, "image_size": image_size(name), "params": n(model),
-            "visual_params": n(model.visual),
+            "visual_params": n(model.visual), "token_embedding_params": n(model.token_embedding),
             "tower": "ModifiedResNet" if isinstance(model_config(name)["vision_cfg"]["layers"], list) else "ViT",
-            "config": json.dumps(model_config(name), sort_keys=True)}
+            "ladder_rung": rung, "config": json.dumps(model_config(name), sort_keys=True)}

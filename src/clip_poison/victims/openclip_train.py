@@ -30,25 +30,68 @@ Progress = Callable[[int, int], None]  # (samples done, samples total)
 
 
 def training_rows(train_csv: str | Path, poison_dirs: list[str | Path]) -> tuple[list[str], list[str], int, list[dict]]:
-    """Clean rows first, then every poison set's rows, all with absolute paths. The clean CSV and
-    the poison folders are only read."""
+    """Clean rows first, then every poison set's rows, all with absolute paths. A poison set made
+    with ``--mode replace`` lists the clean rows it replaces (``replaces``); those are left out
+    here, so |X'| = |X|. The clean CSV and the poison folders are only read."""
+    from ..data.wds import is_wds_spec
+
+    if is_wds_spec(train_csv):
+        raise UserError(f"{train_csv} is webdataset shards; the fast backend reads OpenCLIP CSV only, so train with "
+                        "--backend open_clip_train (it streams 'clean::poison' shards)")
     clean = read_csv_dataset(train_csv)
-    paths, caps, sources = list(clean.paths), list(clean.captions), []
-    for d in poison_dirs:
-        manifest = read_manifest(d)
+    manifests = [read_manifest(d) for d in poison_dirs]
+    drop: set[int] = set()
+    for d, manifest in zip(poison_dirs, manifests):
+        if manifest.get("format", "csv") != "csv":
+            raise UserError(f"poison set {d} is webdataset shards; train on it with the open_clip_train backend "
+                            "and webdataset clean data (--data 'clean/{0..9}.tar'), or re-craft it with --format csv")
+        if manifest.get("replaces"):
+            src_hash = manifest.get("source", {}).get("csv_sha256")
+            if src_hash and src_hash != sha256_file(train_csv):
+                raise UserError(f"poison set {d} replaces rows of a different dataset than {train_csv} (hash differs); "
+                                "its `replaces` row numbers would drop the wrong pairs; train on the CSV it was made from")
+            drop.update(int(i) for i in manifest["replaces"])
+    keep = [i for i in range(len(clean)) if i not in drop]
+    paths, caps, sources = [clean.paths[i] for i in keep], [clean.captions[i] for i in keep], []
+    for d, manifest in zip(poison_dirs, manifests):
         p = read_csv_dataset(Path(d) / manifest["csv"])
         paths += p.paths
         caps += p.captions
         sources.append({"dir": str(d), "attack": manifest["attack"], "n_poisons": len(p),
+                        "mode": manifest.get("mode", "add"), "n_replaced": len(manifest.get("replaces", [])),
                         "manifest_sha256": sha256_file(Path(d) / "manifest.json")})
-    return paths, caps, len(clean), sources
+    return paths, caps, len(keep), sources
 
 
-def open_clip_train_argv(cfg: TrainConfig, csv_path: Path, logs: Path, n_samples: int) -> list[str]:
+def webdataset_inputs(shards: str, poison_dirs: list[str | Path]) -> tuple[str, int, int, list[dict]]:
+    """``--train-data`` for webdataset input: the clean shards, then every poison set's shards,
+    joined with ``::`` (open_clip_train mixes sources that way); plus the clean and total counts
+    (one streaming pass over the clean ``.txt`` members; open_clip_train needs the total)."""
+    from ..attacks.sources import WdsTrainingData
+
+    n_clean = len(WdsTrainingData(shards))
+    parts, n_total, sources = [str(shards)], n_clean, []
+    for d in poison_dirs:
+        m = read_manifest(d)
+        if m.get("format", "csv") != "wds":
+            raise UserError(f"poison set {d} is CSV but the clean data is webdataset shards; re-craft it with --format wds")
+        if m.get("replaces"):
+            raise UserError(f"poison set {d} was made with --mode replace; open_clip_train's webdataset loader cannot "
+                            "drop clean samples without rewriting shards, so train it on CSV data or re-craft with --mode add")
+        parts += [str(Path(d) / name) for name in m["shards"]]
+        n_total += int(m["n_poisons"])
+        sources.append({"dir": str(d), "attack": m["attack"], "n_poisons": int(m["n_poisons"]), "mode": "add",
+                        "manifest_sha256": sha256_file(Path(d) / "manifest.json")})
+    return "::".join(parts), n_clean, n_total, sources
+
+
+def open_clip_train_argv(cfg: TrainConfig, csv_path: Path | None, logs: Path, n_samples: int,
+                         wds_data: str | None = None) -> list[str]:
     lo, hi = cfg.crop_scale
-    return [
-        "--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", ",",
-        "--csv-img-key", "filepath", "--csv-caption-key", "title",
+    data = (["--train-data", wds_data, "--dataset-type", "webdataset"] if wds_data else
+            ["--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", ",",
+             "--csv-img-key", "filepath", "--csv-caption-key", "title"])
+    return data + [
         "--train-num-samples", str(n_samples),
         "--model", cfg.model, "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
         "--lr", str(cfg.lr), "--wd", str(cfg.wd), "--warmup", str(cfg.warmup),
@@ -66,17 +109,30 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be >= 1")
     t0 = time.time()
-    paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs)
-    if len(paths) < cfg.batch_size:
-        raise UserError(f"{len(paths)} training pairs are fewer than one batch of {cfg.batch_size}; "
+    from ..data.wds import is_wds_spec
+
+    wds_data = None
+    if is_wds_spec(train_csv):
+        # Webdataset input: clean and poison shards are streamed by open_clip_train itself (`::`).
+        wds_data, n_clean, n_total, sources = webdataset_inputs(str(train_csv), poison_dirs)
+        if cfg.workers > 1 + wds_data.count("::"):
+            raise UserError(f"--workers {cfg.workers} exceeds the number of shards; lower --workers")
+    else:
+        paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs)
+        n_total = len(paths)
+    if n_total < cfg.batch_size:
+        raise UserError(f"{n_total} training pairs are fewer than one batch of {cfg.batch_size}; "
                         "lower --batch-size")
     with atomic_dir(out, overwrite=overwrite) as tmp:
         work = tmp / "open_clip_train"
-        csv_path = work / "train_x_union_p.csv"
-        write_csv_rows(csv_path, paths, caps)
+        csv_path = None
+        if wds_data is None:
+            csv_path = work / "train_x_union_p.csv"
+            write_csv_rows(csv_path, paths, caps)
         argv = [sys.executable, "-m", "clip_poison.victims._otrain_entry", "--n-clean", str(n_clean),
-                "--order-seed", str(cfg.seed), "--"] + open_clip_train_argv(cfg, csv_path, work / "logs", len(paths))
-        total = cfg.epochs * (len(paths) // cfg.batch_size) * cfg.batch_size
+                "--order-seed", str(cfg.seed), "--"] + open_clip_train_argv(cfg, csv_path, work / "logs", n_total,
+                                                                             wds_data)
+        total = cfg.epochs * (n_total // cfg.batch_size) * cfg.batch_size
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         tail: list[str] = []
@@ -98,8 +154,10 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
         info = {"backend": "open_clip_train", "recipe": asdict(cfg),
                 "augmentation": {"random_resized_crop_scale": list(cfg.crop_scale), "ratio": [1.0, 1.0],
                                  "note": "OpenCLIP train transform; (1.0, 1.0) means no crop"},
-                "data": {"train_csv": str(train_csv), "train_csv_sha256": sha256_file(train_csv),
-                         "n_clean": n_clean, "n_poisons": len(paths) - n_clean, "poison_sets": sources},
+                "data": {"train_csv": str(train_csv),
+                         "train_csv_sha256": None if wds_data else sha256_file(train_csv),
+                         "train_data": wds_data or str(csv_path.name), "format": "wds" if wds_data else "csv",
+                         "n_clean": n_clean, "n_poisons": n_total - n_clean, "poison_sets": sources},
                 "model_cfg": model_cfg, "seconds": round(time.time() - t0, 2), "versions": package_versions()}
         atomic_write_json(tmp / "train.json", info)
     return info

@@ -1,0 +1,301 @@
+"""A sweep's report: a tidy table (parquet + CSV), PNG figures shaped like the paper's Figures 2–6,
+and ``report.md`` linking each run's result JSON.
+
+Figures: the mean over seeds as a line, ±1 std shaded (the paper's Figures 2, 4–6 shade one std),
+a log x-axis where the spec asks for one, and the clean (unpoisoned) control drawn dashed in the
+same colour: as a line when the clean value depends on x (patch size, data size, model), else
+as a horizontal band.
+
+Plots are declared in the spec's ``report.plots``::
+
+    - name: z                      # file name: fig-<name>.png
+      title: "..."
+      x: n_poisons                 # any table column (n_poisons, poison_rate, backdoor.patch_size, ...)
+      logx: true
+      facet: backdoor.placement    # optional: one panel per value
+      hue: train.model             # optional: one line per value
+      y: {backdoor_z_consistent: "test: consistent", backdoor_z_random: "test: random"}
+      ylabel: "z-score"
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..io import UserError, atomic_write_bytes, read_json
+
+CONFIG_SECTIONS = ("world", "backdoor", "targeted", "train")
+
+
+def _sweep_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if (p / "results").is_dir():
+        return p
+    if p.name == "results" and p.is_dir():
+        return p.parent
+    raise UserError(f"{p} holds no results/ folder; pass the folder given to `clip-poison sweep --out`")
+
+
+def _flat_config(cfg: dict) -> dict:
+    out = {}
+    for sec in CONFIG_SECTIONS:
+        for k, v in (cfg.get(sec) or {}).items():
+            out[f"{sec}.{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+def load_results(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
+    """The tidy table (one row per run, or per (clean run, trigger) for clean controls measured
+    against several triggers) and the raw result dicts."""
+    d = _sweep_dir(sweep_dir)
+    raws = []
+    for f in sorted((d / "results").glob("*.json")):
+        r = read_json(f, what="sweep result")
+        r["_file"] = f"results/{f.name}"
+        raws.append(r)
+    if not raws:
+        raise UserError(f"{d / 'results'} has no result JSONs yet; run `clip-poison sweep` first")
+    rows = []
+    for r in raws:
+        if r.get("status") != "ok":
+            continue
+        base = {"run_id": r["id"], "seed": r["seed"], "clean": bool(r["clean"]), "attack": r["attack"],
+                "n_train": r["n_train"], "n_poisons": r["n_poisons"], "poison_rate": r["poison_rate"],
+                "result": r["_file"], **_flat_config(r["config"])}
+        if r["clean"] and r["attack"] == "backdoor":
+            # One row per trigger this clean victim was measured against.
+            for b in r["backdoor"]:
+                rows.append({**base, "backdoor.patch_size": b["patch_size"], "backdoor.trigger": b["trigger"],
+                             "backdoor.target_label": b["label"], "backdoor.n_poisons": 0,
+                             "zeroshot_accuracy": r["metrics"]["zeroshot_accuracy"],
+                             "backdoor_asr_consistent": b["asr_consistent"], "backdoor_asr_random": b["asr_random"],
+                             "backdoor_z_consistent": b["z_consistent"], "backdoor_z_random": b["z_random"]})
+        else:
+            rows.append({**base, **r["metrics"]})
+    return pd.DataFrame(rows), raws
+
+
+def _agg(df: pd.DataFrame, by: list[str], y: str) -> pd.DataFrame:
+    g = df.groupby(by, dropna=False)[y]
+    # ddof=0: with 2 seeds the sample std is unstable; report the spread the seeds actually show.
+    return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=0).fillna(0.0), "n": g.count()}).reset_index()
+
+
+def _default_plots(spec: dict, df: pd.DataFrame) -> list[dict]:
+    axes = [k for k in (spec.get("axes") or {}) if k in df.columns]
+    x = axes[0] if axes else "seed"
+    ys = [c for c in ("backdoor_asr_consistent", "backdoor_z_consistent", "targeted_success_rate",
+                      "zeroshot_accuracy") if c in df.columns]
+    return [{"name": y, "x": x, "y": {y: y}, "hue": axes[1] if len(axes) > 1 else None} for y in ys]
+
+
+def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = None):
+    """One figure (a panel per facet value, in the spec's axis order); returns the Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x, ys = p["x"], p["y"] if isinstance(p["y"], dict) else {c: c for c in p["y"]}
+    facet, hue = p.get("facet"), p.get("hue")
+    pois, clean = df[~df["clean"]], df[df["clean"]]
+    def order(col: str) -> list:
+        seen = list(dict.fromkeys(pois[col]))
+        listed = [v for v in (axes or {}).get(col, []) if v in seen]
+        return listed + [v for v in seen if v not in listed]
+
+    facets = order(facet) if facet else [None]
+    hues = order(hue) if hue else [None]
+    fig, axs = plt.subplots(1, len(facets), figsize=(5.2 * len(facets), 4), squeeze=False, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # A categorical x (e.g. train.model) is placed at 0..n-1 in the order the sweep lists it.
+    cats = None if pd.api.types.is_numeric_dtype(df[x]) else list(dict.fromkeys(df.loc[~df["clean"], x]))
+    xpos = (lambda v: v.astype(float)) if cats is None else (lambda v: v.map({c: i for i, c in enumerate(cats)}))
+    for ax, fv in zip(axs[0], facets):
+        sub = pois if fv is None else pois[pois[facet] == fv]
+        k, drawn = 0, set()
+        for y, ylab in ys.items():
+            if y not in df.columns:
+                continue
+            for hv in hues:
+                s = sub if hv is None else sub[sub[hue] == hv]
+                if s.empty or s[y].isna().all():
+                    continue
+                a = _agg(s, [x], y)
+                a = a.assign(_x=xpos(a[x])).sort_values("_x")
+                c = colours[k % len(colours)]
+                k += 1
+                lab = ylab if hv is None else f"{ylab}, {hue.split('.')[-1]}={hv}"
+                xv = a["_x"]
+                ax.plot(xv, a["mean"], "o-", color=c, label=lab)
+                ax.fill_between(xv, a["mean"] - a["std"], a["mean"] + a["std"], color=c, alpha=0.2)
+                # Clean victims do not vary along attack-only hues (poison count): one clean line then.
+                per_hue = hv is not None and hue in clean.columns and (clean[hue] == hv).any()
+                cs = clean[clean[hue] == hv] if per_hue else clean
+                if (y, hv if per_hue else None) in drawn:
+                    continue
+                drawn.add((y, hv if per_hue else None))
+                lab = lab if per_hue else ylab
+                if not cs.empty and y in cs.columns and cs[y].notna().any():
+                    if x in cs.columns and cs[x].nunique(dropna=True) > 1:
+                        ca = _agg(cs, [x], y)
+                        ca = ca.assign(_x=xpos(ca[x])).sort_values("_x")
+                        ax.plot(ca["_x"], ca["mean"], "--", color=c, alpha=0.8, label=f"clean, {lab}")
+                        ax.fill_between(ca["_x"], ca["mean"] - ca["std"], ca["mean"] + ca["std"], color=c, alpha=0.08)
+                    else:
+                        m, sd = cs[y].mean(), cs[y].std(ddof=0)
+                        ax.axhline(m, ls="--", color=c, alpha=0.8, label=f"clean, {lab}")
+                        ax.axhspan(m - sd, m + sd, color=c, alpha=0.08)
+        if cats is not None:
+            ax.set_xticks(range(len(cats)), [str(c) for c in cats])
+        elif p.get("logx"):
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+            ax.set_xscale("log", base=2 if x.endswith("patch_size") else 10)
+            # Ticks at the sweep's own x values, written plainly (25, 50, 150 rather than 10^2).
+            ticks = sorted(pois[x].dropna().unique().tolist())
+            if len(ticks) <= 12:
+                ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            else:
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel(p.get("xlabel", x))
+        ax.set_title(f"{facet.split('.')[-1]} = {fv}" if fv is not None else "")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axs[0][0].set_ylabel(p.get("ylabel", ", ".join(ys.values())))
+    n_seeds = df["seed"].nunique()
+    fig.suptitle(f"{title_prefix}{p.get('title', p.get('name', ''))}\nmean ± 1 std over {n_seeds} seed(s); "
+                 "dashed: clean victims", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_similarity(raws: list[dict], title_prefix: str = ""):
+    """Figure 3 from the runs' stored similarity data (fixed bins, so runs average bin by bin).
+    Left: P(same zero-shot label) vs pair similarity (log y, as the paper). Right: clean and
+    triggered pair-similarity densities of the poisoned victims, with the clean normal curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in raws if r.get("status") == "ok" and (r.get("similarity") or {}).get("available")]
+    if not ok:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 4))
+    for clean, c in ((False, "C1"), (True, "C0")):
+        rs = [r["similarity"] for r in ok if bool(r["clean"]) == clean]
+        if not rs:
+            continue
+        name = "clean victims" if clean else "poisoned victims"
+        x = np.array(rs[0]["same_prediction"]["bin_centers"])
+        p_same = np.array([[np.nan if v is None else v for v in s["same_prediction"]["p_same"]] for s in rs], float)
+        with warnings.catch_warnings():  # empty bins are NaN in every run: nothing to average there
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m, sd = np.nanmean(p_same, 0), np.nanstd(p_same, 0)
+        a1.plot(x, m, "o-", color=c, label=name)
+        a1.fill_between(x, np.clip(m - sd, 1e-4, None), m + sd, color=c, alpha=0.2)
+        hx = np.array(rs[0]["histograms"]["bin_centers"])
+        for key, ls, lab in (("clean_density", ":", "clean pairs"), ("triggered_density", "-", "triggered pairs")):
+            d = np.array([s["histograms"][key] for s in rs])
+            a2.plot(hx, d.mean(0), ls, color=c, label=f"{name}: {lab}")
+            a2.fill_between(hx, d.mean(0) - d.std(0), d.mean(0) + d.std(0), color=c, alpha=0.15)
+        zs = [s["histograms"]["z"] for s in rs]
+        a2.plot([], [], " ", label=f"{name}: z = {np.mean(zs):.2f} ± {np.std(zs):.2f}")
+    a1.set_yscale("log")
+    a1.set_xlabel("cosine similarity of two eval images")
+    a1.set_ylabel("P(same zero-shot label)")
+    a1.set_title("similarity predicts same label")
+    a2.set_xlabel("pairwise cosine similarity")
+    a2.set_ylabel("density")
+    a2.set_title("clean vs triggered (upper-left) pairs")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.suptitle(f"{title_prefix}Figure 3 analyses\nmean ± 1 std over {len(ok)} victims", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def build_report(sweep_or_results: str | Path, out: str | Path | None = None) -> dict:
+    """Write table.parquet, table.csv, fig-*.png and report.md; returns their paths."""
+    import io
+
+    sweep = _sweep_dir(sweep_or_results)
+    out = Path(out) if out else sweep
+    df, raws = load_results(sweep)
+    meta = read_json(sweep / "sweep.json")["spec"] if (sweep / "sweep.json").is_file() else {}
+    if not meta:  # results carry their sweep's report spec too
+        meta = next((r.get("sweep") for r in raws if r.get("sweep")), {}) or {}
+    failed = [r for r in raws if r.get("status") != "ok"]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table_csv": out / "table.csv", "table_parquet": out / "table.parquet", "report_md": out / "report.md",
+             "figures": [], "n_ok": len(raws) - len(failed), "n_failed": len(failed)}
+    if df.empty:
+        raise UserError(f"every run in {sweep / 'results'} failed ({len(failed)}); see their `error` fields")
+    atomic_write_bytes(paths["table_csv"], df.to_csv(index=False).encode())
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(paths["table_parquet"], buf.getvalue())
+
+    plots = (meta.get("report") or {}).get("plots") or _default_plots(meta, df)
+    name = meta.get("name", sweep.name)
+    md = [f"# {name}" + (f" ({meta['size']})" if meta.get("size") else ""), ""]
+    if meta.get("figure"):
+        md.append(f"Mirrors the paper's {meta['figure']} (Carlini & Terzis, ICLR 2022).")
+    if meta.get("description"):
+        md += ["", meta["description"]]
+    md += ["", f"{paths['n_ok']} runs ok, {paths['n_failed']} failed; seeds {sorted(df['seed'].unique().tolist())}. "
+           "Lines: mean over seeds, shaded ±1 std (population std over seeds); dashed: clean victims "
+           "(no poisons) with the same seeds.", ""]
+    import matplotlib.pyplot as plt
+
+    for p in plots:
+        fig = plot_similarity(raws, f"{name}: ") if p.get("kind") == "similarity" else plot(df, p, f"{name}: ", meta.get("axes"))
+        if fig is None:
+            md += [f"## {p.get('title', p['name'])}", "", "(no run stored this analysis)", ""]
+            continue
+        b = io.BytesIO()
+        fig.savefig(b, format="png", dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        f = out / f"fig-{p['name']}.png"
+        atomic_write_bytes(f, b.getvalue())
+        paths["figures"].append(f)
+        md += [f"## {p.get('title', p['name'])}", "", f"![{p['name']}]({f.name})", ""]
+
+    # Summary: mean ± std per point of the sweep.
+    axes = [k for k in (meta.get("axes") or {}) if k in df.columns]
+    metrics = [c for c in ("zeroshot_accuracy", "backdoor_asr_consistent", "backdoor_asr_random",
+                           "backdoor_z_consistent", "backdoor_z_random", "targeted_success_rate",
+                           "probe_targeted_success_rate") if c in df.columns]
+    by = ["clean"] + [a for a in axes if a in df.columns]
+    g = df.groupby(by, dropna=False)
+    summ = g[metrics].mean().round(3).astype(str) + " ± " + g[metrics].std(ddof=0).fillna(0).round(3).astype(str)
+    summ.insert(0, "seeds", g["seed"].nunique())
+    md += ["## Summary (mean ± std over seeds)", "", _md_table(summ.reset_index()), ""]
+    cols = ["run_id", "seed", "clean"] + axes + ["n_poisons", "poison_rate"] + metrics
+    runs = df[[c for c in dict.fromkeys(cols) if c in df.columns]].copy()
+    runs["run_id"] = [f"[{i}](results/{i}.json)" for i in runs["run_id"]]
+    md += ["## Runs", "", "Each run's resolved config, seed, versions and full metrics are in its result JSON.", "",
+           _md_table(runs), ""]
+    if failed:
+        md += ["## Failed runs", ""] + [f"- [{r['id']}]({r['_file']}): {r.get('error', '?')}" for r in failed] + [""]
+    aug = next((r["train"]["augmentation"] for r in raws if r.get("status") == "ok"), None)
+    if aug:
+        md += [f"Training augmentation: RandomResizedCrop scale {aug['random_resized_crop_scale']} "
+               "((1.0, 1.0) = no random crop)."]
+    atomic_write_bytes(paths["report_md"], ("\n".join(md) + "\n").encode())
+    return paths

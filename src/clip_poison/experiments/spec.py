@@ -1,0 +1,242 @@
+"""Sweep specs: a base run config + axes whose product, times seeds, gives the runs (§4–§5 ablations).
+
+A spec is a YAML file (CLIP_benchmark style: declarative, one file per experiment)::
+
+    name: fig4-placement
+    figure: "Figure 4"                 # which figure of the paper this mirrors
+    attack: backdoor                   # backdoor | targeted
+    base:                              # dataclass fields of config.py, by section
+      world: {n_train: 5000}
+      backdoor: {patch_size: 4}
+      train: {epochs: 4}
+    axes:                              # dotted field -> list of values; the runs are the product
+      backdoor.n_poisons: [25, 50, 100]
+      backdoor.placement: [consistent, random]
+    seeds: [0, 1]
+    clean_control: true                # an unpoisoned victim per (non-attack axes, seed)
+    keep_checkpoints: false
+    resources: {num_cpus: 2, num_gpus: 0}   # per run (Ray executor)
+    sizes:                             # named overrides: base is deep-merged, axes/seeds replaced
+      quick: {...}
+      paper: {...}
+    report: {plots: [...]}             # see report.py
+
+One seed drives the whole run (world, poisons, training, evaluation), as in ``pipeline.run_demo``;
+clean control runs use the same seeds, so poisoned and clean victims of a seed see the same world,
+the same clean data order (``CleanOrderSampler``) and the same initialisation.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import BackdoorConfig, TargetedConfig, TrainConfig, WorldConfig, stable_id
+from ..io import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+SECTIONS = {"world": WorldConfig, "backdoor": BackdoorConfig, "targeted": TargetedConfig, "train": TrainConfig}
+ATTACKS = ("backdoor", "targeted")
+# Fields a run's seed sets (one seed per run); a spec may not put them in base or axes.
+SEEDED = {"world.seed", "backdoor.seed", "targeted.seed", "train.seed"}
+TOP_KEYS = {"name", "figure", "description", "attack", "base", "axes", "seeds", "clean_control",
+            "keep_checkpoints", "resources", "sizes", "report", "n_targets", "analyses"}
+ANALYSES = ("similarity",)
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    attack: str
+    base: dict
+    axes: dict[str, list]
+    seeds: list[int]
+    figure: str = ""
+    description: str = ""
+    clean_control: bool = True
+    keep_checkpoints: bool = False
+    # §4.2 trains one model against many targets at once; n_targets targeted poison sets per run.
+    n_targets: int = 1
+    # Extra per-run analyses: "similarity" stores Figure 3's pair-similarity data (§5.1).
+    analyses: list[str] = field(default_factory=list)
+    resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
+    report: dict = field(default_factory=dict)
+    size: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _check_field(dotted: str, where: str) -> None:
+    sec, _, name = dotted.partition(".")
+    if sec not in SECTIONS or not name:
+        raise UserError(f"{where}: {dotted!r} is not a config field; use SECTION.FIELD with SECTION one of "
+                        f"{sorted(SECTIONS)} (e.g. backdoor.n_poisons)")
+    names = {f.name for f in dataclasses.fields(SECTIONS[sec])}
+    if name not in names:
+        raise UserError(f"{where}: {sec} has no field {name!r}; its fields are {sorted(names)}")
+    if dotted in SEEDED:
+        raise UserError(f"{where}: {dotted} is set from the run's seed; list seeds under `seeds:` instead")
+
+
+def load_spec(path_or_preset: str | Path, size: str | None = None) -> SweepSpec:
+    """Read a spec YAML (a path, or the name of a preset in ``experiments/presets``), apply a size,
+    and validate every field name against the config dataclasses."""
+    p = Path(path_or_preset)
+    if not p.is_file():
+        cand = PRESET_DIR / f"{path_or_preset}.yaml"
+        if not cand.is_file():
+            raise UserError(f"sweep spec {str(path_or_preset)!r} is neither a file nor a preset; "
+                            f"presets: {preset_names()}")
+        p = cand
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"sweep spec {p} is not valid YAML ({e})") from None
+    return spec_from_dict(raw, size=size, where=str(p))
+
+
+def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec") -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping at the top level")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    raw = copy.deepcopy(raw)
+    sizes = raw.pop("sizes", {}) or {}
+    if size is not None:
+        if size not in sizes:
+            raise UserError(f"{where}: no size {size!r}; this spec has {sorted(sizes) or 'none'}")
+        over = sizes[size] or {}
+        bad = set(over) - TOP_KEYS
+        if bad:
+            raise UserError(f"{where}: size {size!r} has unknown keys {sorted(bad)}")
+        raw["base"] = _deep_merge(raw.get("base") or {}, over.pop("base", {}) or {})
+        raw["axes"] = {**(raw.get("axes") or {}), **(over.pop("axes", {}) or {})}
+        raw.update(over)
+    for k in ("name", "attack"):
+        if k not in raw:
+            raise UserError(f"{where}: missing required key {k!r}")
+    if raw["attack"] not in ATTACKS:
+        raise UserError(f"{where}: attack {raw['attack']!r} unknown; use one of {ATTACKS}")
+    base = raw.get("base") or {}
+    for sec, vals in base.items():
+        if sec not in SECTIONS or not isinstance(vals, dict):
+            raise UserError(f"{where}: base.{sec} is not a config section; use {sorted(SECTIONS)}")
+        for name in vals:
+            _check_field(f"{sec}.{name}", f"{where} base")
+    axes = raw.get("axes") or {}
+    for k, v in axes.items():
+        _check_field(k, f"{where} axes")
+        if not isinstance(v, list) or not v:
+            raise UserError(f"{where}: axis {k} must be a non-empty list, got {v!r}")
+        if k.split(".")[0] in ATTACKS and k.split(".")[0] != raw["attack"]:
+            raise UserError(f"{where}: axis {k} belongs to the {k.split('.')[0]} attack but this sweep's "
+                            f"attack is {raw['attack']}")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise UserError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{where}: seeds {seeds} repeat a value")
+    n_targets = int(raw.get("n_targets", 1))
+    if n_targets < 1:
+        raise UserError(f"{where}: n_targets must be >= 1")
+    analyses = list(raw.get("analyses") or [])
+    if set(analyses) - set(ANALYSES):
+        raise UserError(f"{where}: unknown analyses {sorted(set(analyses) - set(ANALYSES))}; available {ANALYSES}")
+    return SweepSpec(name=str(raw["name"]), analyses=analyses, attack=raw["attack"], base=base, axes=axes, seeds=seeds,
+                     figure=str(raw.get("figure", "")), description=str(raw.get("description", "")).strip(),
+                     clean_control=bool(raw.get("clean_control", True)),
+                     keep_checkpoints=bool(raw.get("keep_checkpoints", False)), n_targets=n_targets,
+                     resources={"num_cpus": 1, "num_gpus": 0, **(raw.get("resources") or {})},
+                     report=raw.get("report") or {}, size=size)
+
+
+def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> dict:
+    """The full config of one run: every dataclass field, defaults filled in, seeds applied."""
+    cfg: dict[str, Any] = {}
+    for sec in ("world", attack, "train") if attack != "none" else ("world", "train"):
+        vals = dict(spec.base.get(sec, {}))
+        vals.update({k.split(".", 1)[1]: v for k, v in point.items() if k.split(".")[0] == sec})
+        vals["seed"] = seed
+        try:
+            obj = SECTIONS[sec](**vals)
+        except TypeError as e:
+            raise UserError(f"sweep {spec.name}: bad {sec} config ({e})") from None
+        d = dataclasses.asdict(obj)
+        if "crop_scale" in d:
+            d["crop_scale"] = list(d["crop_scale"])
+        cfg[sec] = d
+    cfg["attack"] = attack
+    cfg["seed"] = seed
+    if spec.analyses:
+        cfg["analyses"] = list(spec.analyses)
+    if attack == "targeted":
+        cfg["n_targets"] = spec.n_targets
+    return cfg
+
+
+def run_id(config: dict) -> str:
+    """Stable id of a run: a hash of its resolved config only (never of order or sweep name)."""
+    return stable_id(config)
+
+
+def expand(spec: SweepSpec) -> list[dict]:
+    """All runs of a sweep: product(axes) × seeds, plus clean controls sharing the seeds.
+
+    A clean control drops the attack's axes (they do not change an unpoisoned victim) but keeps
+    every other axis (data size, model), and is evaluated against each distinct trigger/target the
+    sweep's poisoned runs use, so every poisoned point has a clean baseline on the same inputs.
+    Returns dicts ``{"id", "config", "point", "clean"}`` in a stable order.
+    """
+    keys = list(spec.axes)
+    points = [dict(zip(keys, vals)) for vals in itertools.product(*(spec.axes[k] for k in keys))]
+    runs, seen = [], set()
+
+    def add(cfg: dict, point: dict, clean: bool) -> None:
+        rid = run_id(cfg)
+        if rid not in seen:
+            seen.add(rid)
+            runs.append({"id": rid, "config": cfg, "point": point, "clean": clean})
+
+    for seed in spec.seeds:
+        for point in points:
+            add(_resolve(spec, point, seed, spec.attack), point, False)
+        if spec.clean_control:
+            other = [k for k in keys if k.split(".")[0] not in ATTACKS]
+            for vals in dict.fromkeys(tuple(p[k] for k in other) for p in points):
+                cpoint = dict(zip(other, vals))
+                cfg = _resolve(spec, cpoint, seed, "none")
+                # The attacks this clean victim is measured against: one per distinct eval-relevant
+                # attack config (trigger + target), with a single poison (only the manifest is used).
+                evals = []
+                for p in points:
+                    if any(p[k] != cpoint[k] for k in other):
+                        continue
+                    a = _resolve(spec, p, seed, spec.attack)[spec.attack]
+                    a["n_poisons"] = 1
+                    if spec.attack == "backdoor":
+                        a["placement"] = "consistent"  # both test placements are always measured
+                    if a not in evals:
+                        evals.append(a)
+                cfg["eval_attacks"] = {"attack": spec.attack, "configs": evals}
+                if spec.attack == "targeted":
+                    cfg["n_targets"] = spec.n_targets
+                add(cfg, cpoint, True)
+    return runs

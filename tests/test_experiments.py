@@ -1,0 +1,223 @@
+"""Sweep specs, the report, and (slow) real tiny sweeps: resume, failure isolation, Ray."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clip_poison.experiments.executors import LocalExecutor, RayExecutor, run_sweep
+from clip_poison.experiments.report import build_report, load_results
+from clip_poison.experiments.spec import expand, load_spec, preset_names, spec_from_dict
+from clip_poison.io import UserError, atomic_write_json
+
+TINY = {
+    "name": "tiny", "attack": "backdoor",
+    "base": {"world": {"n_train": 200, "n_eval": 40}, "backdoor": {"n_poisons": 4},
+             "train": {"model": "vit-tiny-32", "epochs": 1, "batch_size": 64, "warmup": 1}},
+    "axes": {}, "seeds": [0],
+}
+
+
+def _spec(**over):
+    raw = json.loads(json.dumps(TINY))
+    raw.update(over)
+    return spec_from_dict(raw)
+
+
+# ---------------------------------------------------------------- spec expansion and ids
+
+
+def test_expansion_is_axes_product_times_seeds_plus_clean_controls():
+    s = _spec(axes={"backdoor.n_poisons": [2, 4, 8], "backdoor.placement": ["consistent", "random"]}, seeds=[0, 1])
+    runs = expand(s)
+    pois = [r for r in runs if not r["clean"]]
+    clean = [r for r in runs if r["clean"]]
+    assert len(pois) == 3 * 2 * 2
+    # Attack axes do not change a clean victim: one clean control per seed, same seeds as poisoned.
+    assert sorted(r["config"]["seed"] for r in clean) == [0, 1]
+    assert {r["config"]["seed"] for r in pois} == {0, 1}
+    assert all("backdoor" not in r["config"] for r in clean)
+    # The seed drives every stage of a run.
+    r = pois[-1]
+    assert r["config"]["world"]["seed"] == r["config"]["backdoor"]["seed"] == r["config"]["train"]["seed"] == 1
+    # Ids are unique and depend only on the resolved config, not on axis order.
+    assert len({r["id"] for r in runs}) == len(runs)
+    s2 = _spec(axes={"backdoor.placement": ["random", "consistent"], "backdoor.n_poisons": [8, 4, 2]}, seeds=[1, 0])
+    assert {r["id"] for r in expand(s2)} == {r["id"] for r in runs}
+    assert [r["id"] for r in expand(s)] == [r["id"] for r in runs]  # same spec, same ids, same order
+
+
+def test_ids_change_with_any_config_field():
+    a = expand(_spec())[0]["id"]
+    b = expand(_spec(base={**TINY["base"], "train": {**TINY["base"]["train"], "lr": 1e-3}}))[0]["id"]
+    assert a != b
+
+
+def test_clean_controls_keep_non_attack_axes_and_every_trigger():
+    s = _spec(axes={"backdoor.patch_size": [2, 4], "world.n_train": [200, 300]})
+    clean = [r for r in expand(s) if r["clean"]]
+    assert sorted(r["config"]["world"]["n_train"] for r in clean) == [200, 300]
+    for r in clean:
+        assert [c["patch_size"] for c in r["config"]["eval_attacks"]["configs"]] == [2, 4]
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"axes": {"backdoor.n_poison": [1]}}, "no field 'n_poison'"),
+    ({"axes": {"train.seed": [1, 2]}}, "set from the run's seed"),
+    ({"axes": {"targeted.n_poisons": [1]}}, "belongs to the targeted attack"),
+    ({"axes": {"backdoor.n_poisons": 5}}, "non-empty list"),
+    ({"attack": "evasion"}, "attack 'evasion' unknown"),
+    ({"seeds": [0, 0]}, "repeat"),
+    ({"colour": 1}, "unknown keys"),
+])
+def test_bad_specs_are_user_errors_naming_the_problem(bad, words):
+    with pytest.raises(UserError, match=words):
+        _spec(**bad)
+
+
+@pytest.mark.parametrize("name", preset_names())
+@pytest.mark.parametrize("size", ["quick", "paper"])
+def test_every_preset_expands_in_both_sizes(name, size):
+    runs = expand(load_spec(name, size))
+    assert any(r["clean"] for r in runs) and any(not r["clean"] for r in runs)
+
+
+def test_unknown_size_or_preset():
+    with pytest.raises(UserError, match="no size 'huge'"):
+        load_spec("fig4-placement", "huge")
+    with pytest.raises(UserError, match="neither a file nor a preset"):
+        load_spec("fig99")
+
+
+# ---------------------------------------------------------------- report from synthetic results
+
+
+def _fake_results(d: Path) -> dict:
+    """A tiny hand-made results folder: 2 seeds x 2 counts, one clean control per seed, one failure."""
+    spec = _spec(axes={"backdoor.n_poisons": [10, 100]}, seeds=[0, 1],
+                 report={"plots": [{"name": "asr", "x": "n_poisons", "logx": True,
+                                    "y": {"backdoor_asr_consistent": "consistent"}}]})
+    runs = expand(spec)
+    rng = np.random.default_rng(0)
+    truth = {}
+    for i, r in enumerate(runs):
+        asr = 0.05 if r["clean"] else (0.2 if r["point"]["backdoor.n_poisons"] == 10 else 0.9) + rng.uniform(-.05, .05)
+        res = {"id": r["id"], "clean": r["clean"], "point": r["point"], "config": r["config"], "seed": r["config"]["seed"],
+               "status": "ok", "attack": "backdoor", "n_train": 200,
+               "n_poisons": 0 if r["clean"] else r["point"]["backdoor.n_poisons"],
+               "metrics": {"zeroshot_accuracy": 0.5, "backdoor_asr_consistent": asr, "backdoor_asr_random": asr / 2,
+                           "backdoor_z_consistent": asr * 2, "backdoor_z_random": asr},
+               "backdoor": [{"patch_size": 4, "trigger": "checkerboard", "label": "tent", "asr_consistent": asr,
+                             "asr_random": asr / 2, "z_consistent": asr * 2, "z_random": asr}],
+               "train": {"augmentation": {"random_resized_crop_scale": [1.0, 1.0]}}}
+        res["poison_rate"] = res["n_poisons"] / 200
+        truth[r["id"]] = asr
+        atomic_write_json(d / "results" / f"{r['id']}.json", res)
+    atomic_write_json(d / "results" / "deadbeef0000.json", {"id": "deadbeef0000", "status": "failed",
+                                                            "error": "UserError: boom", "clean": False})
+    atomic_write_json(d / "sweep.json", {"spec": spec.to_dict()})
+    return truth
+
+
+def test_report_builds_table_figures_and_markdown(tmp_path):
+    truth = _fake_results(tmp_path)
+    r = build_report(tmp_path / "results", tmp_path / "rep")
+    df = pd.read_parquet(r["table_parquet"])
+    assert len(df) == len(truth) and r["n_failed"] == 1
+    pd.testing.assert_frame_equal(df, pd.read_csv(r["table_csv"]), check_dtype=False)
+    for _, row in df.iterrows():
+        assert row["backdoor_asr_consistent"] == pytest.approx(truth[row["run_id"]])
+    pois = df[~df["clean"] & (df["n_poisons"] == 100)]
+    assert pois["backdoor_asr_consistent"].mean() > 0.8 and pois["seed"].nunique() == 2
+    png = r["figures"][0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = r["report_md"].read_text()
+    assert "![asr](fig-asr.png)" in md and "deadbeef0000" in md and "boom" in md
+    assert all(f"results/{i}.json" in md for i in truth)
+
+
+def test_report_on_a_folder_without_results_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no results/ folder"):
+        build_report(tmp_path)
+
+
+# ---------------------------------------------------------------- real tiny sweeps (slow)
+
+
+@pytest.mark.slow
+def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    s = _spec(axes={"backdoor.patch_size": [64, 2]}, clean_control=False)
+    out = run_sweep(s, tmp_path, LocalExecutor(progress=False))
+    assert out == {**out, "n_runs": 2, "ran": 2, "failed": 1}
+    res = {json.loads(p.read_text())["config"]["backdoor"]["patch_size"]: json.loads(p.read_text())
+           for p in (tmp_path / "results").glob("*.json")}
+    assert res[64]["status"] == "failed" and "does not fit" in res[64]["error"]
+    assert res[2]["status"] == "ok" and 0 <= res[2]["metrics"]["backdoor_asr_consistent"] <= 1
+    assert res[2]["versions"]["torch"] and res[2]["config"]["train"]["epochs"] == 1
+    assert not any((tmp_path / "work").iterdir())  # checkpoints deleted (keep_checkpoints false)
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_recomputing_finished_runs(tmp_path):
+    import yaml
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({**TINY, "seeds": [0, 1, 2], "clean_control": False}))
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "clip_poison.cli", "sweep", str(spec_file), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((out / "results").glob("*.json")):
+            assert proc.poll() is None, "sweep exited before writing a result"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # killed mid-sweep, as a lost job would be
+    finally:
+        proc.wait()
+    done = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "results").glob("*.json")}
+    assert 1 <= len(done) < 3
+    s = run_sweep(load_spec(spec_file), out, LocalExecutor(progress=False))
+    assert s["skipped"] == len(done) and s["ran"] == 3 - len(done) and s["failed"] == 0
+    for name, (data, mtime) in done.items():  # finished results untouched
+        p = out / "results" / name
+        assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime
+    assert len(list((out / "results").glob("*.json"))) == 3
+    assert run_sweep(load_spec(spec_file), out, LocalExecutor(progress=False))["ran"] == 0
+
+
+@pytest.mark.slow
+def test_ray_executor_runs_two_tiny_runs_on_a_local_instance(tmp_path):
+    import ray
+
+    tmp_ray = Path(f"/tmp/rt{os.getpid()}")  # Ray's socket paths must stay short
+    ex = RayExecutor(resources={"num_cpus": 1}, progress=False,
+                     init_kwargs={"num_cpus": 2, "_temp_dir": str(tmp_ray), "include_dashboard": False})
+    try:
+        s = run_sweep(_spec(seeds=[0, 1], clean_control=False), tmp_path, ex)
+    finally:
+        import shutil
+        shutil.rmtree(tmp_ray, ignore_errors=True)
+    assert not ray.is_initialized()
+    assert s["ran"] == 2 and s["failed"] == 0
+    df, raws = load_results(tmp_path)
+    assert sorted(df["seed"]) == [0, 1]
+    assert all(r["status"] == "ok" for r in raws)
+
+
+def test_report_draws_categorical_x_and_hue_with_one_clean_line(tmp_path):
+    _fake_results(tmp_path)
+    meta = json.loads((tmp_path / "sweep.json").read_text())
+    meta["spec"]["report"] = {"plots": [{"name": "m", "x": "train.model", "hue": "backdoor.n_poisons",
+                                         "y": {"backdoor_z_consistent": "z"}}]}
+    atomic_write_json(tmp_path / "sweep.json", meta)
+    r = build_report(tmp_path)
+    assert [f.name for f in r["figures"]] == ["fig-m.png"] and r["figures"][0].stat().st_size > 1000
