@@ -69,7 +69,44 @@ def test_clean_controls_keep_non_attack_axes_and_every_trigger():
         assert [c["patch_size"] for c in r["config"]["eval_attacks"]["configs"]] == [2, 4]
 
 
+def test_real_world_section_replaces_world_and_eval_is_unseeded():
+    base = {"real_world": {"root": "/data/cifar10-wds", "n_train": 300}, "backdoor": {"n_poisons": 3},
+            "train": {"epochs": 1}, "eval": {"max_n": 100, "probe_n": 50}}
+    runs = expand(_spec(base=base, axes={"backdoor.n_poisons": [3, 6]}, seeds=[0, 1]))
+    for r in runs:
+        c = r["config"]
+        assert "world" not in c and c["real_world"]["root"] == "/data/cifar10-wds"
+        assert c["real_world"]["seed"] == c["train"]["seed"] == c["seed"]
+        assert c["eval"] == {"max_n": 100, "probe_n": 50}
+    # Specs that do not set eval keep the ids they had (no eval section in the resolved config).
+    assert "eval" not in expand(_spec())[0]["config"]
+
+
+def test_clean_only_sweep_has_no_poisoned_runs():
+    runs = expand(_spec(attack="none", axes={"train.model": ["rn-tiny-32", "vit-tiny-32"]}, seeds=[0, 1]))
+    assert len(runs) == 4 and all(r["clean"] for r in runs)
+    assert all(r["config"]["eval_attacks"] == {"attack": "none", "configs": []} for r in runs)
+    assert all("backdoor" not in r["config"] for r in runs)
+
+
+def test_targets_of_one_victim_have_distinct_labels():
+    from clip_poison.experiments.runner import _targeted_configs
+
+    names = [f"c{i}" for i in range(10)]
+    for seed in range(20):
+        cfgs = _targeted_configs({"target_label": "c3", "n_poisons": 2}, 4, seed, names)
+        labels = [c.target_label for c in cfgs]
+        assert labels[0] == "c3" and len(set(labels)) == 4 and set(labels) <= set(names)
+        assert cfgs[0].seed == 0  # target 0 keeps the run's attack config
+    assert _targeted_configs({"target_label": "c3"}, 4, 1, names)[1].target_label == \
+        _targeted_configs({"target_label": "c3", "n_poisons": 64}, 4, 1, names)[1].target_label
+    with pytest.raises(UserError, match="exceeds the 10 classes"):
+        _targeted_configs({"target_label": "c3"}, 11, 0, names)
+
+
 @pytest.mark.parametrize("bad, words", [
+    ({"base": {"real_world": {"n_train": 10}}}, "needs root"),
+    ({"base": {"world": {}, "real_world": {"root": "x"}}}, "keep one"),
     ({"axes": {"backdoor.n_poison": [1]}}, "no field 'n_poison'"),
     ({"axes": {"train.seed": [1, 2]}}, "set from the run's seed"),
     ({"axes": {"targeted.n_poisons": [1]}}, "belongs to the targeted attack"),
@@ -86,8 +123,12 @@ def test_bad_specs_are_user_errors_naming_the_problem(bad, words):
 @pytest.mark.parametrize("name", preset_names())
 @pytest.mark.parametrize("size", ["quick", "paper"])
 def test_every_preset_expands_in_both_sizes(name, size):
-    runs = expand(load_spec(name, size))
-    assert any(r["clean"] for r in runs) and any(not r["clean"] for r in runs)
+    spec = load_spec(name, size)
+    runs = expand(spec)
+    if spec.attack == "none":  # a clean-only sweep (the cifar10 ladder)
+        assert runs and all(r["clean"] for r in runs)
+    else:
+        assert any(r["clean"] for r in runs) and any(not r["clean"] for r in runs)
 
 
 def test_unknown_size_or_preset():
@@ -221,3 +262,81 @@ def test_report_draws_categorical_x_and_hue_with_one_clean_line(tmp_path):
     atomic_write_json(tmp_path / "sweep.json", meta)
     r = build_report(tmp_path)
     assert [f.name for f in r["figures"]] == ["fig-m.png"] and r["figures"][0].stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- real-photo sweeps (slow)
+
+
+@pytest.fixture(scope="module")
+def photo_source(tmp_path_factory) -> Path:
+    """A tiny labelled source in CLIP_benchmark's webdataset layout (random photos, 10 classes)."""
+    from clip_poison.data.evalsets import write_wds_evalset
+
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("photos") / "wds"
+    write_wds_evalset(root, rng.integers(0, 256, (300, 32, 32, 3), dtype=np.uint8), np.arange(300) % 10, names,
+                      ["a photo of a {c}.", "a blurry photo of a {c}."], split="train", shard_size=100)
+    write_wds_evalset(root, rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8), np.arange(60) % 10, names,
+                      ["a photo of a {c}.", "a blurry photo of a {c}."], split="test")
+    return root
+
+
+def _photo_spec(root: Path, attack: str, **over) -> dict:
+    raw = {"name": f"photos-{attack}", "attack": attack, "seeds": [0],
+           "base": {"real_world": {"root": str(root), "n_train": 200},
+                    "train": {"model": "vit-tiny-32", "epochs": 1, "batch_size": 64, "warmup": 1},
+                    "eval": {"max_n": 50, "probe_n": 100}}}
+    raw.update(over)
+    return raw
+
+
+@pytest.mark.slow
+def test_real_photo_backdoor_sweep_records_probe_asr_and_clean_control(tmp_path, photo_source):
+    raw = _photo_spec(photo_source, "backdoor", axes={"backdoor.n_poisons": [6]})
+    raw["base"]["backdoor"] = {"target_label": "cat", "patch_size": 4}
+    s = run_sweep(spec_from_dict(raw), tmp_path, LocalExecutor(progress=False))
+    assert s["ran"] == 2 and s["failed"] == 0
+    df, raws = load_results(tmp_path)
+    assert sorted(df["clean"]) == [False, True]
+    for col in ("probe_accuracy", "probe_backdoor_asr_consistent", "probe_backdoor_asr_random",
+                "backdoor_asr_consistent", "backdoor_z_consistent"):
+        assert df[col].between(-10, 10).all(), col
+    r = next(r for r in raws if not r["clean"])
+    assert r["n_train"] == 200 and r["n_poisons"] == 6
+    world = next(d for d in (tmp_path / "worlds").iterdir() if d.is_dir())
+    info = json.loads((world / "world.json").read_text())
+    assert info["kind"] == "real" and info["config"]["seed"] == 0 and info["n_train"] == 200
+    assert build_report(tmp_path)["figures"]
+
+
+@pytest.mark.slow
+def test_real_photo_targeted_sweep_scores_four_distinct_targets(tmp_path, photo_source):
+    raw = _photo_spec(photo_source, "targeted", axes={"targeted.n_poisons": [2]}, n_targets=4)
+    raw["base"]["targeted"] = {"target_label": "cat"}
+    s = run_sweep(spec_from_dict(raw), tmp_path, LocalExecutor(progress=False))
+    assert s["ran"] == 2 and s["failed"] == 0
+    _, raws = load_results(tmp_path)
+    pois = next(r for r in raws if not r["clean"])
+    clean = next(r for r in raws if r["clean"])
+    assert pois["n_poisons"] == 8 and len(pois["targeted"]) == 4
+    labels = [t["label"] for t in pois["targeted"]]
+    assert labels[0] == "cat" and len(set(labels)) == 4
+    assert len({t["eval_index"] for t in pois["targeted"]}) == 4
+    # The clean control is scored on the very same (x', y') pairs.
+    assert [(t["eval_index"], t["label"]) for t in clean["targeted"]] == \
+        [(t["eval_index"], t["label"]) for t in pois["targeted"]]
+    assert all("probe" in t for t in pois["targeted"])
+    assert 0 <= pois["metrics"]["probe_targeted_success_rate"] <= 1
+
+
+@pytest.mark.slow
+def test_clean_only_sweep_runs_and_reports(tmp_path, photo_source):
+    raw = _photo_spec(photo_source, "none", axes={"train.model": ["vit-tiny-32"]}, keep_checkpoints=True)
+    s = run_sweep(spec_from_dict(raw), tmp_path, LocalExecutor(progress=False))
+    assert s["ran"] == 1 and s["failed"] == 0
+    df, raws = load_results(tmp_path)
+    assert raws[0]["clean"] and raws[0]["attack"] == "none" and "probe_accuracy" in df.columns
+    assert (Path(raws[0]["checkpoint"]) / "open_clip_pytorch_model.bin").is_file()
+    r = build_report(tmp_path, out=tmp_path / "rep")
+    assert r["figures"] and all(f.stat().st_size > 1000 for f in r["figures"])

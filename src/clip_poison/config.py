@@ -106,6 +106,17 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How a sweep run is evaluated (§4.1–4.2), beyond the default metrics."""
+
+    # Evaluate on the first max_n eval images (None = the whole eval split).
+    max_n: int | None = None
+    # Fit the §4.2 linear probe on this many labelled train-split photos of a real-photo world
+    # (0 = no probe beyond the targeted leave-one-out probe on the eval set).
+    probe_n: int = 0
+
+
+@dataclass
 class DemoConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     targeted: TargetedConfig = field(default_factory=TargetedConfig)

@@ -28,7 +28,7 @@ import pandas as pd
 
 from ..io import UserError, atomic_write_bytes, read_json
 
-CONFIG_SECTIONS = ("world", "backdoor", "targeted", "train")
+CONFIG_SECTIONS = ("world", "real_world", "backdoor", "targeted", "train", "eval")
 
 
 def _sweep_dir(path: str | Path) -> Path:
@@ -73,7 +73,10 @@ def load_results(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
                              "backdoor.target_label": b["label"], "backdoor.n_poisons": 0,
                              "zeroshot_accuracy": r["metrics"]["zeroshot_accuracy"],
                              "backdoor_asr_consistent": b["asr_consistent"], "backdoor_asr_random": b["asr_random"],
-                             "backdoor_z_consistent": b["z_consistent"], "backdoor_z_random": b["z_random"]})
+                             "backdoor_z_consistent": b["z_consistent"], "backdoor_z_random": b["z_random"],
+                             **({"probe_accuracy": r["metrics"]["probe_accuracy"]} if "probe_accuracy" in r["metrics"] else {}),
+                             **({"probe_backdoor_asr_consistent": b["probe_asr_consistent"],
+                                 "probe_backdoor_asr_random": b["probe_asr_random"]} if "probe_asr_consistent" in b else {})})
         else:
             rows.append({**base, **r["metrics"]})
     return pd.DataFrame(rows), raws
@@ -103,6 +106,9 @@ def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = 
     x, ys = p["x"], p["y"] if isinstance(p["y"], dict) else {c: c for c in p["y"]}
     facet, hue = p.get("facet"), p.get("hue")
     pois, clean = df[~df["clean"]], df[df["clean"]]
+    clean_only = pois.empty
+    if clean_only:  # a sweep of clean victims only (attack: none): they are the lines
+        pois, clean = clean, clean.iloc[0:0]
     def order(col: str) -> list:
         seen = list(dict.fromkeys(pois[col]))
         listed = [v for v in (axes or {}).get(col, []) if v in seen]
@@ -113,7 +119,7 @@ def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = 
     fig, axs = plt.subplots(1, len(facets), figsize=(5.2 * len(facets), 4), squeeze=False, sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     # A categorical x (e.g. train.model) is placed at 0..n-1 in the order the sweep lists it.
-    cats = None if pd.api.types.is_numeric_dtype(df[x]) else list(dict.fromkeys(df.loc[~df["clean"], x]))
+    cats = None if pd.api.types.is_numeric_dtype(df[x]) else list(dict.fromkeys(pois[x]))
     xpos = (lambda v: v.astype(float)) if cats is None else (lambda v: v.map({c: i for i, c in enumerate(cats)}))
     for ax, fv in zip(axs[0], facets):
         sub = pois if fv is None else pois[pois[facet] == fv]
@@ -170,7 +176,7 @@ def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = 
     axs[0][0].set_ylabel(p.get("ylabel", ", ".join(ys.values())))
     n_seeds = df["seed"].nunique()
     fig.suptitle(f"{title_prefix}{p.get('title', p.get('name', ''))}\nmean ± 1 std over {n_seeds} seed(s); "
-                 "dashed: clean victims", fontsize=9)
+                 + ("clean victims only" if clean_only else "dashed: clean victims"), fontsize=9)
     fig.tight_layout()
     return fig
 

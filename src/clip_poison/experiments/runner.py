@@ -59,46 +59,51 @@ def _file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def ensure_world(sweep_dir: str | Path, world_cfg: dict) -> Path:
-    """The world for ``world_cfg`` under ``worlds/<id>``, rendered once and reused."""
+def ensure_world(sweep_dir: str | Path, world_cfg: dict, real: bool = False) -> Path:
+    """The world for ``world_cfg`` under ``worlds/<id>``, rendered once and reused: the synthetic
+    world, or with ``real`` captioned real photos (``data/realworld.py``, source read in place)."""
+    from ..data.realworld import RealWorldConfig, write_real_world
     from ..world import write_world
 
     root = Path(sweep_dir) / "worlds"
-    wid = stable_id(world_cfg)
+    wid = stable_id({"real_world": world_cfg}) if real else stable_id(world_cfg)
     out = root / wid
     with _file_lock(root / f".{wid}.lock"):
         if not (out / "world.json").is_file():
-            write_world(WorldConfig(**world_cfg), out, overwrite=True)
+            if real:
+                write_real_world(RealWorldConfig(**world_cfg), out, overwrite=True)
+            else:
+                write_world(WorldConfig(**world_cfg), out, overwrite=True)
     return out
 
 
 def _targeted_configs(base: dict, n_targets: int, seed: int, classnames: list[str]) -> list[TargetedConfig]:
     """n_targets targeted attacks on one victim (§4.2: many (x', y') pairs per trained model).
-    Target 0 uses the run's seed and label as given; others draw a seed and a label of their own."""
-    cfgs = []
+    Target 0 uses the run's seed and label as given; the others draw labels of their own, all
+    distinct (targets of one poison set may share neither a label nor an image)."""
+    if n_targets > len(classnames):
+        raise UserError(f"n_targets {n_targets} exceeds the {len(classnames)} classes; each target needs its own label")
     rng = rng_for(seed, "sweep/targets")
-    for k in range(n_targets):
-        c = TargetedConfig(**base)
-        if k > 0:
-            c.seed = int(rng.integers(2**31))
-            c.target_label = classnames[int(rng.integers(len(classnames)))]
-        cfgs.append(c)
+    others = [c for c in classnames if c != base.get("target_label", TargetedConfig.target_label)]
+    labels = [str(x) for x in rng.permutation(others)[: n_targets - 1]]
+    cfgs = [TargetedConfig(**base)]
+    for k, lab in enumerate(labels, start=1):
+        cfgs.append(TargetedConfig(**{**base, "target_label": lab, "seed": int(rng_for(seed, f"sweep/targets/{k}").integers(2**31))}))
     return cfgs
 
 
 def _craft(attack: str, acfg: dict, n_targets: int, seed: int, train, evalset, image_size: int,
            out: Path) -> list[Path]:
     from ..attacks.backdoor import craft_backdoor_poisons
-    from ..attacks.targeted import craft_targeted_poisons
+    from ..attacks.targeted import craft_multi_targeted_poisons
 
     if attack == "backdoor":
         craft_backdoor_poisons(BackdoorConfig(**acfg), train, image_size, out / "backdoor")
         return [out / "backdoor"]
-    dirs = []
-    for k, c in enumerate(_targeted_configs(acfg, n_targets, seed, evalset.classnames)):
-        craft_targeted_poisons(c, train, evalset, out / f"targeted-{k}")
-        dirs.append(out / f"targeted-{k}")
-    return dirs
+    # One multi-target set: x'_k are drawn without replacement, so no two targets share an image.
+    craft_multi_targeted_poisons(_targeted_configs(acfg, n_targets, seed, evalset.classnames), train, evalset,
+                                 out / "targeted")
+    return [out / "targeted"]
 
 
 def probe_available() -> bool:
@@ -110,8 +115,9 @@ def probe_available() -> bool:
 
 
 def _probe_targeted(ckpt: Path, evalset, manifests: list[dict], seed: int) -> dict:
-    """§4.2 linear-probe ASR: a probe fit on the victim's embeddings of the labelled eval images
-    (x' left out) classifies x'; success when it says y'."""
+    """§4.2 linear-probe ASR when no labelled train split is at hand (synthetic worlds): a probe fit
+    on the victim's embeddings of the labelled eval images (x' left out) classifies x'; success
+    when it says y'."""
     from ..metrics.embed import embed_images
     from ..metrics.probe import fit_linear_probe
     from ..victims.export import load_victim
@@ -120,11 +126,12 @@ def _probe_targeted(ckpt: Path, evalset, manifests: list[dict], seed: int) -> di
     emb = embed_images(model, preprocess, evalset.images)
     out = []
     for m in manifests:
-        i = int(m["target"]["eval_index"])
-        keep = np.arange(len(evalset)) != i
-        probe = fit_linear_probe(emb[keep], evalset.labels[keep], seed)
-        pred = int(np.asarray(probe.predict(emb[i:i + 1]))[0])
-        out.append(pred == evalset.classnames.index(m["target"]["label"]))
+        for tg in m.get("targets") or [m["target"]]:
+            i = int(tg["eval_index"])
+            keep = np.arange(len(evalset)) != i
+            probe = fit_linear_probe(emb[keep], evalset.labels[keep], seed)
+            pred = int(np.asarray(probe.predict(emb[i:i + 1]))[0])
+            out.append(pred == evalset.classnames.index(tg["label"]))
     return {"available": True, "success": [bool(s) for s in out],
             "targeted_success_rate": float(np.mean(out))}
 
@@ -152,12 +159,19 @@ def _similarity(ckpt: Path, evalset, manifest: dict) -> dict:
 def flat_metrics(attack: str, r: dict) -> dict:
     """The headline numbers of one evaluation as flat columns (the report's tidy table)."""
     out = {"zeroshot_accuracy": r["zeroshot"]["accuracy"]}
+    if "probe" in r:
+        out["probe_accuracy"] = r["probe"]["accuracy"]
     if attack == "backdoor" and r["backdoor"]:
         b = r["backdoor"][0]
         out.update({"backdoor_asr_consistent": b["consistent"]["asr"], "backdoor_asr_random": b["random"]["asr"],
                     "backdoor_z_consistent": b["consistent"]["z"]["z"], "backdoor_z_random": b["random"]["z"]["z"]})
+        if "probe" in b["consistent"]:
+            out.update({"probe_backdoor_asr_consistent": b["consistent"]["probe"]["asr"],
+                        "probe_backdoor_asr_random": b["random"]["probe"]["asr"]})
     if attack == "targeted" and r["targeted"]:
         out["targeted_success_rate"] = float(np.mean([t["success"] for t in r["targeted"]]))
+        if all("probe" in t for t in r["targeted"]):
+            out["probe_targeted_success_rate"] = float(np.mean([t["probe"]["success"] for t in r["targeted"]]))
     return out
 
 
@@ -167,7 +181,8 @@ def execute_run(run: dict, sweep_dir: str | Path, keep_checkpoints: bool = False
     fails (the error is the result, status "failed"), so a sweep goes on past it."""
     from ..attacks.poisonset import read_manifest
     from ..data.csvdata import read_csv_dataset
-    from ..data.evalsets import load_wds_evalset
+    from ..data.evalsets import load_probe_train
+    from ..data.realworld import load_world_evalset
     from ..metrics.evaluate import evaluate_checkpoint
     from ..victims.fast import train_victim
     from ..victims.models import image_size
@@ -181,9 +196,14 @@ def execute_run(run: dict, sweep_dir: str | Path, keep_checkpoints: bool = False
     try:
         if work.exists():
             shutil.rmtree(work)  # leftovers of a killed attempt
-        world = ensure_world(sweep_dir, cfg["world"])
+        real = "real_world" in cfg
+        world = ensure_world(sweep_dir, cfg["real_world"] if real else cfg["world"], real=real)
         train = read_csv_dataset(world / "train.csv")
-        evalset = load_wds_evalset(world / "eval", "test")
+        ecfg = cfg.get("eval") or {}
+        evalset = load_world_evalset(world, ecfg.get("max_n"))
+        # §4.2: the probe is fit on labelled train-split photos (real worlds; their source's labels).
+        probe_train = (load_probe_train(world, "train", int(ecfg["probe_n"]))
+                       if real and ecfg.get("probe_n") else None)
         size = image_size(cfg["train"]["model"])
         n_targets = int(cfg.get("n_targets", 1))
         if run["clean"]:
@@ -200,7 +220,7 @@ def execute_run(run: dict, sweep_dir: str | Path, keep_checkpoints: bool = False
         tcfg = TrainConfig(**{**cfg["train"], "crop_scale": tuple(cfg["train"]["crop_scale"])})
         info = train_victim(world / "train.csv", train_dirs, tcfg, work / "victim", progress=progress)
         manifests = [read_manifest(d) for d in eval_dirs]
-        ev_res = evaluate_checkpoint(work / "victim", evalset, manifests, seed=cfg["seed"])
+        ev_res = evaluate_checkpoint(work / "victim", evalset, manifests, seed=cfg["seed"], probe_train=probe_train)
         n_poisons = sum(m["n_poisons"] for m in manifests) if not run["clean"] else 0
         result.update({
             "status": "ok",
@@ -213,12 +233,15 @@ def execute_run(run: dict, sweep_dir: str | Path, keep_checkpoints: bool = False
             "backdoor": [{"patch_size": b["trigger"]["patch_size"], "trigger": b["trigger"]["name"],
                           "label": b["label"], "asr_consistent": b["consistent"]["asr"],
                           "asr_random": b["random"]["asr"], "z_consistent": b["consistent"]["z"]["z"],
-                          "z_random": b["random"]["z"]["z"]} for b in ev_res["backdoor"]],
+                          "z_random": b["random"]["z"]["z"],
+                          **({"probe_asr_consistent": b["consistent"]["probe"]["asr"],
+                              "probe_asr_random": b["random"]["probe"]["asr"]} if "probe" in b["consistent"] else {})}
+                         for b in ev_res["backdoor"]],
             "targeted": ev_res["targeted"],
             "train": {k: v for k, v in info.items() if k not in ("model_cfg", "recipe", "versions", "data")},
             "eval_seconds": ev_res["seconds"],
         })
-        if attack == "targeted":
+        if attack == "targeted" and probe_train is None:
             result["probe"] = (_probe_targeted(work / "victim", evalset, manifests, cfg["seed"])
                                if probe_available() else {"available": False,
                                                          "reason": "clip_poison.metrics.probe not installed"})

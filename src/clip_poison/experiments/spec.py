@@ -36,14 +36,19 @@ from typing import Any
 
 import yaml
 
-from ..config import BackdoorConfig, TargetedConfig, TrainConfig, WorldConfig, stable_id
+from ..config import BackdoorConfig, EvalConfig, TargetedConfig, TrainConfig, WorldConfig, stable_id
+from ..data.realworld import RealWorldConfig
 from ..io import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
-SECTIONS = {"world": WorldConfig, "backdoor": BackdoorConfig, "targeted": TargetedConfig, "train": TrainConfig}
+# ``real_world`` replaces ``world`` when a spec trains on captioned real photos (data/realworld.py);
+# ``eval`` is optional (the defaults evaluate the whole eval split with no train-split probe).
+SECTIONS = {"world": WorldConfig, "real_world": RealWorldConfig, "backdoor": BackdoorConfig,
+            "targeted": TargetedConfig, "train": TrainConfig, "eval": EvalConfig}
+UNSEEDED = {"eval"}
 ATTACKS = ("backdoor", "targeted")
 # Fields a run's seed sets (one seed per run); a spec may not put them in base or axes.
-SEEDED = {"world.seed", "backdoor.seed", "targeted.seed", "train.seed"}
+SEEDED = {"world.seed", "real_world.seed", "backdoor.seed", "targeted.seed", "train.seed"}
 TOP_KEYS = {"name", "figure", "description", "attack", "base", "axes", "seeds", "clean_control",
             "keep_checkpoints", "resources", "sizes", "report", "n_targets", "analyses"}
 ANALYSES = ("similarity",)
@@ -133,9 +138,15 @@ def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec")
     for k in ("name", "attack"):
         if k not in raw:
             raise UserError(f"{where}: missing required key {k!r}")
-    if raw["attack"] not in ATTACKS:
-        raise UserError(f"{where}: attack {raw['attack']!r} unknown; use one of {ATTACKS}")
+    if raw["attack"] not in ATTACKS + ("none",):
+        raise UserError(f"{where}: attack {raw['attack']!r} unknown; use one of {ATTACKS}, or none for a "
+                        "sweep of clean victims only")
     base = raw.get("base") or {}
+    if "real_world" in base and "world" in base:
+        raise UserError(f"{where}: base sets both world (synthetic) and real_world (photos); keep one")
+    if "real_world" in base and not (base["real_world"] or {}).get("root"):
+        raise UserError(f"{where}: base.real_world needs root: the labelled photo source "
+                        "(e.g. ../shared/data/cifar10-wds)")
     for sec, vals in base.items():
         if sec not in SECTIONS or not isinstance(vals, dict):
             raise UserError(f"{where}: base.{sec} is not a config section; use {sorted(SECTIONS)}")
@@ -171,10 +182,15 @@ def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec")
 def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> dict:
     """The full config of one run: every dataclass field, defaults filled in, seeds applied."""
     cfg: dict[str, Any] = {}
-    for sec in ("world", attack, "train") if attack != "none" else ("world", "train"):
+    world = "real_world" if "real_world" in spec.base else "world"
+    sections = [world, attack, "train"] if attack != "none" else [world, "train"]
+    # eval only when the spec sets it, so the ids of specs without it stay what they were.
+    sections += ["eval"] if "eval" in spec.base or any(k.startswith("eval.") for k in spec.axes) else []
+    for sec in sections:
         vals = dict(spec.base.get(sec, {}))
         vals.update({k.split(".", 1)[1]: v for k, v in point.items() if k.split(".")[0] == sec})
-        vals["seed"] = seed
+        if sec not in UNSEEDED:
+            vals["seed"] = seed
         try:
             obj = SECTIONS[sec](**vals)
         except TypeError as e:
@@ -215,6 +231,14 @@ def expand(spec: SweepSpec) -> list[dict]:
             seen.add(rid)
             runs.append({"id": rid, "config": cfg, "point": point, "clean": clean})
 
+    if spec.attack == "none":
+        # A clean-only sweep (e.g. clean accuracy over a model ladder): every run is a clean victim.
+        for seed in spec.seeds:
+            for point in points:
+                cfg = _resolve(spec, point, seed, "none")
+                cfg["eval_attacks"] = {"attack": "none", "configs": []}
+                add(cfg, point, True)
+        return runs
     for seed in spec.seeds:
         for point in points:
             add(_resolve(spec, point, seed, spec.attack), point, False)
