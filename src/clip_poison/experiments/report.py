@@ -96,6 +96,16 @@ def _default_plots(spec: dict, df: pd.DataFrame) -> list[dict]:
     return [{"name": y, "x": x, "y": {y: y}, "hue": axes[1] if len(axes) > 1 else None} for y in ys]
 
 
+def _is_rate(col: str) -> bool:
+    return any(w in col for w in ("asr", "accuracy", "success_rate"))
+
+
+def _band(y: str, a: pd.DataFrame) -> tuple:
+    """mean ± 1 std, clipped to [0, 1] for rates (a band below 0 % success means nothing)."""
+    lo, hi = a["mean"] - a["std"], a["mean"] + a["std"]
+    return (lo.clip(0, 1), hi.clip(0, 1)) if _is_rate(y) else (lo, hi)
+
+
 def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = None):
     """One figure (a panel per facet value, in the spec's axis order); returns the Figure."""
     import matplotlib
@@ -138,7 +148,10 @@ def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = 
                 lab = ylab if hv is None else f"{ylab}, {hue.split('.')[-1]}={hv}"
                 xv = a["_x"]
                 ax.plot(xv, a["mean"], "o-", color=c, label=lab)
-                ax.fill_between(xv, a["mean"] - a["std"], a["mean"] + a["std"], color=c, alpha=0.2)
+                # Every seed as a small dot: at small scale success is often bimodal, which a mean hides.
+                ax.scatter(xpos(s[x]), s[y], s=9, color=c, alpha=0.45, linewidths=0)
+                lo, hi = _band(y, a)
+                ax.fill_between(xv, lo, hi, color=c, alpha=0.2)
                 # Clean victims do not vary along attack-only hues (poison count): one clean line then.
                 per_hue = hv is not None and hue in clean.columns and (clean[hue] == hv).any()
                 cs = clean[clean[hue] == hv] if per_hue else clean
@@ -151,7 +164,8 @@ def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = 
                         ca = _agg(cs, [x], y)
                         ca = ca.assign(_x=xpos(ca[x])).sort_values("_x")
                         ax.plot(ca["_x"], ca["mean"], "--", color=c, alpha=0.8, label=f"clean, {lab}")
-                        ax.fill_between(ca["_x"], ca["mean"] - ca["std"], ca["mean"] + ca["std"], color=c, alpha=0.08)
+                        lo, hi = _band(y, ca)
+                        ax.fill_between(ca["_x"], lo, hi, color=c, alpha=0.08)
                     else:
                         m, sd = cs[y].mean(), cs[y].std(ddof=0)
                         ax.axhline(m, ls="--", color=c, alpha=0.8, label=f"clean, {lab}")
@@ -175,7 +189,10 @@ def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = 
         ax.legend(fontsize=7)
     axs[0][0].set_ylabel(p.get("ylabel", ", ".join(ys.values())))
     n_seeds = df["seed"].nunique()
-    fig.suptitle(f"{title_prefix}{p.get('title', p.get('name', ''))}\nmean ± 1 std over {n_seeds} seed(s); "
+    import textwrap
+
+    title = textwrap.fill(f"{title_prefix}{p.get('title', p.get('name', ''))}", width=int(65 * len(facets)))
+    fig.suptitle(f"{title}\nmean ± 1 std over {n_seeds} seed(s), dots: single seeds\nrates clipped to [0, 1]; "
                  + ("clean victims only" if clean_only else "dashed: clean victims"), fontsize=9)
     fig.tight_layout()
     return fig
@@ -226,6 +243,64 @@ def plot_similarity(raws: list[dict], title_prefix: str = ""):
     fig.suptitle(f"{title_prefix}Figure 3 analyses\nmean ± 1 std over {len(ok)} victims", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+HEADLINE = ("zeroshot_accuracy", "probe_accuracy", "backdoor_asr_consistent", "probe_backdoor_asr_consistent",
+            "backdoor_asr_random", "probe_backdoor_asr_random", "backdoor_z_consistent", "backdoor_z_random",
+            "targeted_success_rate", "probe_targeted_success_rate")
+ASR_COLUMNS = ("backdoor_asr_consistent", "probe_backdoor_asr_consistent", "targeted_success_rate",
+               "probe_targeted_success_rate")
+
+
+def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str]) -> list[str]:
+    """§4–5 statistics over seeds as markdown: 95 % t intervals of each headline number, how many
+    seeds the attack worked in (ASR > 0.5; small-scale success is often bimodal, which a mean
+    hides), and whether poisoned victims' clean accuracy is significantly lower than the clean
+    controls' (one-sided Welch test, as the paper's "none significantly lower")."""
+    from ..metrics.stats import compare_accuracy, summarize
+
+    lines = ["## Statistics over seeds", "",
+             "95 % Student-t interval of the mean over seeds; `worked` = seeds with ASR > 0.5; accuracy "
+             "test: one-sided Welch t-test, H1: poisoned victims' zero-shot accuracy < the clean controls' "
+             "(same seeds, same non-attack axes).", ""]
+    attack_axes = [a for a in axes if a.split(".")[0] in ("backdoor", "targeted")]
+    other = [a for a in axes if a not in attack_axes]
+    clean = df[df["clean"]].drop_duplicates("run_id")
+    rows = []
+    for key, g in df[~df["clean"]].groupby(axes or ["clean"], dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = {a: v for a, v in zip(axes, key)} if axes else {}
+        for m in metrics:
+            v = g[m].dropna().to_numpy(float)
+            if v.size == 0:
+                continue
+            s = summarize(v)
+            row[m] = (f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s["n"] > 1
+                      else f"{s['mean']:.3f} (n=1)")
+            if m in ASR_COLUMNS:
+                row[f"{m} worked"] = f"{int((v > 0.5).sum())}/{v.size}"
+        cs = clean
+        for a in other:
+            cs = cs[cs[a] == row[a]] if a in cs.columns else cs
+        if not cs.empty and "zeroshot_accuracy" in g:
+            t = compare_accuracy(g["zeroshot_accuracy"].to_numpy(float), cs["zeroshot_accuracy"].to_numpy(float))
+            row["accuracy poisoned − clean"] = f"{t['mean_difference']:+.3f}"
+            row["p (lower)"] = "n/a" if t["note"] else f"{t['p_value']:.3f}"
+            row["significantly lower"] = "n/a" if t["note"] else ("yes" if t["significantly_lower"] else "no")
+        rows.append(row)
+    if not rows:  # a clean-only sweep: intervals of the clean victims per point
+        for key, g in clean.groupby(axes or ["clean"], dropna=False, sort=False):
+            key = key if isinstance(key, tuple) else (key,)
+            row = {a: v for a, v in zip(axes, key)} if axes else {}
+            for m in metrics:
+                v = g[m].dropna().to_numpy(float)
+                if v.size:
+                    s = summarize(v)
+                    row[m] = (f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s["n"] > 1
+                              else f"{s['mean']:.3f} (n=1)")
+            rows.append(row)
+    t = pd.DataFrame(rows)
+    return lines + [_md_table(t), ""] if not t.empty else []
 
 
 def _md_table(df: pd.DataFrame) -> str:
@@ -284,14 +359,13 @@ def build_report(sweep_or_results: str | Path, out: str | Path | None = None) ->
 
     # Summary: mean ± std per point of the sweep.
     axes = [k for k in (meta.get("axes") or {}) if k in df.columns]
-    metrics = [c for c in ("zeroshot_accuracy", "backdoor_asr_consistent", "backdoor_asr_random",
-                           "backdoor_z_consistent", "backdoor_z_random", "targeted_success_rate",
-                           "probe_targeted_success_rate") if c in df.columns]
+    metrics = [c for c in HEADLINE if c in df.columns]
     by = ["clean"] + [a for a in axes if a in df.columns]
     g = df.groupby(by, dropna=False)
     summ = g[metrics].mean().round(3).astype(str) + " ± " + g[metrics].std(ddof=0).fillna(0).round(3).astype(str)
     summ.insert(0, "seeds", g["seed"].nunique())
     md += ["## Summary (mean ± std over seeds)", "", _md_table(summ.reset_index()), ""]
+    md += statistics_md(df, axes, metrics)
     cols = ["run_id", "seed", "clean"] + axes + ["n_poisons", "poison_rate"] + metrics
     runs = df[[c for c in dict.fromkeys(cols) if c in df.columns]].copy()
     runs["run_id"] = [f"[{i}](results/{i}.json)" for i in runs["run_id"]]
