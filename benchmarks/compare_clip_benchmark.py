@@ -32,11 +32,13 @@ from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versio
 def clip_benchmark_acc1(ckpt: Path, root: Path, split: str, tmp: Path) -> float:
     cli = Path(sys.executable).parent / "clip_benchmark"
     out = tmp / "cb.json"
-    subprocess.run([str(cli), "eval", "--model_type", "open_clip", "--model", f"local-dir:{ckpt}",
+    p = subprocess.run([str(cli), "eval", "--model_type", "open_clip", "--model", f"local-dir:{ckpt}",
                     "--pretrained", "none", "--dataset", "wds/eval", "--dataset_root", str(root),
                     "--split", split, "--task", "zeroshot_classification", "--num_workers", "0", "--no_amp",
-                    "--batch_size", "256", "--output", str(out)], check=True, capture_output=True, cwd=tmp,
+                    "--batch_size", "256", "--output", str(out)], capture_output=True, text=True, cwd=tmp,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if p.returncode != 0:
+        raise SystemExit(f"clip_benchmark failed on {ckpt}:\n{p.stderr[-2000:]}")
     return float(json.loads(out.read_text())["metrics"]["acc1"])
 
 
@@ -53,7 +55,7 @@ def main() -> int:
         if (r["config"].get("eval") or {}).get("max_n"):
             print(f"{r['id']}: evaluated on a subset (eval.max_n); skipped")
             continue
-        ckpt = Path(r["checkpoint"])
+        ckpt = Path(r["checkpoint"]).resolve()  # recorded relative to where the sweep ran
         if not (ckpt / "open_clip_config.json").is_file():
             print(f"{r['id']}: checkpoint {ckpt} is gone; skipped")
             continue

@@ -129,7 +129,7 @@ def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = 
     fig, axs = plt.subplots(1, len(facets), figsize=(5.2 * len(facets), 4), squeeze=False, sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     # A categorical x (e.g. train.model) is placed at 0..n-1 in the order the sweep lists it.
-    cats = None if pd.api.types.is_numeric_dtype(df[x]) else list(dict.fromkeys(pois[x]))
+    cats = None if pd.api.types.is_numeric_dtype(df[x]) else order(x)
     xpos = (lambda v: v.astype(float)) if cats is None else (lambda v: v.map({c: i for i, c in enumerate(cats)}))
     for ax, fv in zip(axs[0], facets):
         sub = pois if fv is None else pois[pois[facet] == fv]
@@ -252,7 +252,7 @@ ASR_COLUMNS = ("backdoor_asr_consistent", "probe_backdoor_asr_consistent", "targ
                "probe_targeted_success_rate")
 
 
-def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str]) -> list[str]:
+def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str], axis_values: dict | None = None) -> list[str]:
     """§4–5 statistics over seeds as markdown: 95 % t intervals of each headline number, how many
     seeds the attack worked in (ASR > 0.5; small-scale success is often bimodal, which a mean
     hides), and whether poisoned victims' clean accuracy is significantly lower than the clean
@@ -300,6 +300,10 @@ def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str]) -> list
                               else f"{s['mean']:.3f} (n=1)")
             rows.append(row)
     t = pd.DataFrame(rows)
+    if axes and axis_values and not t.empty:  # the spec's own order of its axis values
+        rank = {a: {v: i for i, v in enumerate(axis_values.get(a) or [])} for a in axes}
+        t = t.sort_values(axes, key=lambda col: col.map(lambda v: rank[col.name].get(v, len(rank[col.name]))),
+                          kind="stable")
     return lines + [_md_table(t), ""] if not t.empty else []
 
 
@@ -365,7 +369,7 @@ def build_report(sweep_or_results: str | Path, out: str | Path | None = None) ->
     summ = g[metrics].mean().round(3).astype(str) + " ± " + g[metrics].std(ddof=0).fillna(0).round(3).astype(str)
     summ.insert(0, "seeds", g["seed"].nunique())
     md += ["## Summary (mean ± std over seeds)", "", _md_table(summ.reset_index()), ""]
-    md += statistics_md(df, axes, metrics)
+    md += statistics_md(df, axes, metrics, meta.get("axes"))
     cols = ["run_id", "seed", "clean"] + axes + ["n_poisons", "poison_rate"] + metrics
     runs = df[[c for c in dict.fromkeys(cols) if c in df.columns]].copy()
     runs["run_id"] = [f"[{i}](results/{i}.json)" for i in runs["run_id"]]
