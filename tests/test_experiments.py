@@ -340,3 +340,33 @@ def test_clean_only_sweep_runs_and_reports(tmp_path, photo_source):
     assert (Path(raws[0]["checkpoint"]) / "open_clip_pytorch_model.bin").is_file()
     r = build_report(tmp_path, out=tmp_path / "rep")
     assert r["figures"] and all(f.stat().st_size > 1000 for f in r["figures"])
+
+
+def test_similarity_figure_leaves_zero_probability_bins_off_the_log_axis():
+    """Figure 3 (left) is on a log axis: a bin where no pair shared a label (p = 0) cannot be drawn
+    there, and must not turn into a band down to an arbitrary floor; the legend says how many."""
+    from clip_poison.experiments.report import plot_similarity
+
+    centers = [0.05, 0.15, 0.25, 0.35]
+    hx = list(np.linspace(-0.95, 0.95, 20))
+
+    def raw(clean, p_same, z):
+        return {"status": "ok", "clean": clean, "similarity": {
+            "available": True,
+            "same_prediction": {"bin_centers": centers, "p_same": p_same},
+            "histograms": {"bin_centers": hx, "clean_density": [0.5] * 20, "triggered_density": [0.5] * 20, "z": z}}}
+
+    raws = [raw(False, [0.0, 0.01, 0.1, None], 1.0), raw(False, [0.0, 0.03, 0.2, None], 2.0),
+            raw(True, [0.0, 0.0, 0.1, 0.5], 0.0)]
+    fig = plot_similarity(raws)
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()}
+    assert set(lines) == {"poisoned victims (1 bins with p = 0 not drawn)", "clean victims (2 bins with p = 0 not drawn)"}
+    poisoned = np.asarray(lines["poisoned victims (1 bins with p = 0 not drawn)"], float)
+    assert np.isnan(poisoned[0]) and np.isnan(poisoned[3])  # p = 0 in both runs; no pairs at all
+    assert poisoned[1:3] == pytest.approx([0.02, 0.15])  # bin-by-bin mean over the two victims
+    for band in ax.collections:  # every band lies strictly above 0 (drawable on the log axis)
+        for path in band.get_paths():
+            assert (path.vertices[:, 1] > 0).all()
+    right = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert "poisoned victims: z = 1.50 ± 0.50" in right

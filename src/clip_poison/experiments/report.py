@@ -192,7 +192,8 @@ def plot(df: pd.DataFrame, p: dict, title_prefix: str = "", axes: dict | None = 
     import textwrap
 
     title = textwrap.fill(f"{title_prefix}{p.get('title', p.get('name', ''))}", width=int(65 * len(facets)))
-    fig.suptitle(f"{title}\nmean ± 1 std over {n_seeds} seed(s), dots: single seeds\nrates clipped to [0, 1]; "
+    clipped = "rates clipped to [0, 1]; " if any(_is_rate(c) for c in ys) else ""
+    fig.suptitle(f"{title}\nmean ± 1 std over {n_seeds} seed(s), dots: single seeds\n{clipped}"
                  + ("clean victims only" if clean_only else "dashed: clean victims"), fontsize=9)
     fig.tight_layout()
     return fig
@@ -221,8 +222,12 @@ def plot_similarity(raws: list[dict], title_prefix: str = ""):
         with warnings.catch_warnings():  # empty bins are NaN in every run: nothing to average there
             warnings.simplefilter("ignore", RuntimeWarning)
             m, sd = np.nanmean(p_same, 0), np.nanstd(p_same, 0)
-        a1.plot(x, m, "o-", color=c, label=name)
-        a1.fill_between(x, np.clip(m - sd, 1e-4, None), m + sd, color=c, alpha=0.2)
+        # a log axis cannot show p = 0: bins where no pair shared a label are left out of the
+        # line and the band (counted in the legend) rather than drawn as a box down to the floor
+        zero = int(np.sum(m == 0))
+        m, sd = np.where(m > 0, m, np.nan), np.where(m > 0, sd, np.nan)
+        a1.plot(x, m, "o-", color=c, label=name + (f" ({zero} bins with p = 0 not drawn)" if zero else ""))
+        a1.fill_between(x, np.clip(m - sd, m / 10, None), m + sd, color=c, alpha=0.2)
         hx = np.array(rs[0]["histograms"]["bin_centers"])
         for key, ls, lab in (("clean_density", ":", "clean pairs"), ("triggered_density", "-", "triggered pairs")):
             d = np.array([s["histograms"][key] for s in rs])
