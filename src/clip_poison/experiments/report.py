@@ -227,6 +227,7 @@ def plot_similarity(raws: list[dict], title_prefix: str = ""):
         zero = int(np.sum(m == 0))
         m, sd = np.where(m > 0, m, np.nan), np.where(m > 0, sd, np.nan)
         a1.plot(x, m, "o-", color=c, label=name + (f" ({zero} bins with p = 0 not drawn)" if zero else ""))
+        # mean − std is often ≤ 0 here; stop the band one decade below the mean so it stays drawable
         a1.fill_between(x, np.clip(m - sd, m / 10, None), m + sd, color=c, alpha=0.2)
         hx = np.array(rs[0]["histograms"]["bin_centers"])
         for key, ls, lab in (("clean_density", ":", "clean pairs"), ("triggered_density", "-", "triggered pairs")):
