@@ -6,12 +6,16 @@ Every file clip-poison writes goes through here: a temporary name in the same fo
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -72,6 +76,13 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
     """Decode image bytes to HxWx3 uint8, with a teaching error for corrupt files."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.mode.startswith("I") or im.mode == "F":
+                # convert("RGB") clips these at 255, so a 16-bit PNG decodes white: scale 16-bit
+                # integers (I;16*, and I, which 16-bit PNGs also open as) and 0..1 floats to 8 bit.
+                a = np.asarray(im, dtype=np.float64) * (255.0 if im.mode == "F" else 255.0 / 65535.0)
+                if a.size and (a.min() < 0 or a.max() > 255.0 + 1e-9):
+                    raise ValueError(f"mode {im.mode} values outside the 16-bit (or 0..1 float) range")
+                return np.repeat(np.rint(a).astype(np.uint8)[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except Exception as e:  # PIL raises many types for corrupt data
         raise UserError(f"{what} could not be decoded as an image ({type(e).__name__}: {e}); "
@@ -133,17 +144,84 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise UserError(f"{what} {p} is not valid JSON ({e}); regenerate it") from None
 
 
+# One of these in a folder marks it as a clip-poison output (world, poison set, checkpoint, demo),
+# the only kind of folder --overwrite may delete.
+OUTPUT_MARKERS = ("world.json", "manifest.json", "train.json", "open_clip_config.json", "summary.json")
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, s3://, https:// ...
+
+
+def check_out(out: str | os.PathLike, inputs=(), overwrite: bool = False, file: bool = False) -> None:
+    """Refuse, before any work, an output that would replace or sit inside an input, replace a file
+    with a folder (or a folder with a file), replace anything without ``overwrite``, or cannot be
+    written. ``--overwrite`` deletes the old output, so an input must never be one."""
+    o = Path(out).resolve()
+    for given in inputs:
+        for part in ([] if given is None else str(given).split("::")):
+            if not part or URL_SCHEME.match(part):
+                continue  # a URL is not a local path to protect
+            shards = "{" in part  # 'dir/{0..9}.tar': the shards' folder is the input
+            p = Path(os.path.dirname(part.split("{")[0]) or "." if shards else part).resolve()
+            home = p.parent if p.is_file() else p  # a CSV's images sit beside it: its folder is the dataset
+            if o == p or home.is_relative_to(o) or (p.is_dir() and not shards and o.is_relative_to(p)):
+                rel = "is" if o == p else "contains" if home.is_relative_to(o) else "is inside"
+                raise UserError(f"--out {out} {rel} the input {given}; inputs are never modified or deleted, "
+                                "so choose an --out outside every input")
+    if o.exists() and o.is_dir() != (not file):
+        raise UserError(f"--out {out} is a {'folder' if file else 'file'}; it is never replaced by a "
+                        f"{'file' if file else 'folder'}, so choose a new --out")
+    if (any(o.iterdir()) if o.is_dir() else o.exists()) and not overwrite:
+        raise UserError(f"output {out} already exists{' and is not empty' if o.is_dir() else ''}; "
+                        "choose a new --out or pass --overwrite")
+    if o.is_dir() and any(o.iterdir()) and not any((o / m).is_file() for m in OUTPUT_MARKERS):
+        raise UserError(f"--out {out} is a folder clip-poison did not write (none of {', '.join(OUTPUT_MARKERS)}); "
+                        "--overwrite only replaces clip-poison outputs, so choose a new --out or empty it yourself")
+    parent = next(a for a in o.parents if a.exists())
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {parent} is not a writable folder ({e.strerror}); "
+                        "choose an --out in a folder you can write to") from None
+
+
+def _clean_stale_partials(path: Path, max_age_s: float = 600) -> None:
+    """Remove ``.NAME.PID@HOST.*.partial`` folders left by a killed run whose process is gone. A
+    live owner (a concurrent run on this host, however long it trains) or another host's run is
+    never touched; leftovers without an owner in the name only once they are older than max_age_s."""
+    host = socket.gethostname()
+    for d in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        m = re.fullmatch(rf"\.{re.escape(path.name)}\.(?:(\d+)@(.+)\.)?[a-z0-9_]+\.partial", d.name)
+        if m is None:
+            continue  # another output's (a longer name with this one as prefix)
+        try:
+            stale = (m.group(2) == host and not _alive(int(m.group(1)))) if m.group(1) else \
+                time.time() - d.stat().st_mtime > max_age_s
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Build a folder under a temporary name and rename it into place only on success."""
     path = Path(path)
-    occupied = any(path.iterdir()) if path.is_dir() else path.exists()
-    if occupied:
-        if not overwrite:
-            raise UserError(f"output {path} already exists and is not empty; "
-                            "choose a new --out or pass --overwrite")
+    check_out(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    _clean_stale_partials(path)
+    # The owner's pid and host in the name let the next run tell a killed run's leftovers from a live one.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}@{socket.gethostname()}.", suffix=".partial",
+                                dir=path.parent))
     os.chmod(tmp, 0o755)
     try:
         yield tmp

@@ -38,7 +38,7 @@ def craft_backdoor_poisons(cfg: BackdoorConfig, train, image_size: int, out: str
     if cfg.n_poisons > len(bases):
         raise UserError(f"--n-poisons {cfg.n_poisons} exceeds the {len(bases)} "
                         f"{'--base-pool' if opt.base_pool else 'training'} images to stamp; lower it")
-    pool = caption_set("mined", cfg.target_label, train, opt.synonyms, opt.caption_index)
+    pool = caption_set("mined", cfg.target_label, train, opt.synonyms, opt.caption_index, has_templates=False)
     captions = select_captions(pool, cfg.n_poisons, rng_for(cfg.seed, "backdoor/captions"), opt.allow_repeat)
     captions, edits = evade_captions(captions, cfg.target_label, opt.synonyms, ev, rng_for(cfg.seed, "backdoor/caption_evasion"),
                                      avoid={normalise_caption(c) for c in pool})

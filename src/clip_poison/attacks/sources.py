@@ -13,9 +13,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..data.captions import CaptionIndex
-from ..data.csvdata import CAPTION_KEY, IMG_KEY, CsvDataset
+from ..data.csvdata import CAPTION_KEY, IMG_KEY, CsvDataset, check_paths_inside, separator_hint
 from ..data.wds import expand_shards, is_wds_spec, iter_samples
 from ..io import UserError, load_image, sha256_file
 
@@ -41,7 +42,7 @@ class CsvTrainingData:
         missing = [k for k in (img_key, caption_key) if k not in cols]
         if missing:
             raise UserError(f"{self.csv_path} has no column(s) {missing} (columns are {cols}); "
-                            "pass --csv-img-key/--csv-caption-key to name yours")
+                            f"pass --csv-img-key/--csv-caption-key to name yours{separator_hint(cols)}")
         try:
             t = pacsv.read_csv(self.csv_path, parse_options=pacsv.ParseOptions(delimiter=sep, newlines_in_values=True),
                                convert_options=pacsv.ConvertOptions(
@@ -53,6 +54,8 @@ class CsvTrainingData:
         if t.num_rows == 0:
             raise UserError(f"{self.csv_path} has no rows; a dataset needs at least one image–caption pair")
         self.paths, self.captions = t.column(img_key), t.column(caption_key)
+        # Only paths containing '..' can leave the folder: a vectorised pre-filter, then the exact check.
+        check_paths_inside(self.paths.filter(pc.match_substring(self.paths, "..")).to_pylist(), self.csv_path)
         self.base = self.csv_path.parent.resolve()
         self._index: CaptionIndex | None = None
 

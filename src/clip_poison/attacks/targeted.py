@@ -2,12 +2,13 @@
 independent targets (x', y') in one poison set (the paper amortises victims this way)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from ..config import CraftOptions, TargetedConfig
+from ..config import MAX_TARGETED_POISONS, CraftOptions, TargetedConfig
 from ..data.captions import normalise_caption, template_captions
 from ..data.evalsets import EvalSet
 from ..io import UserError, rng_for, sha256_pixels
@@ -21,17 +22,18 @@ def mined_rows(train, label: str, synonyms=(), index_path=None) -> np.ndarray:
     return caption_index(open_training_data(train), index_path).rows(label, tuple(synonyms))
 
 
-def caption_set(source: str, label: str, train, synonyms=(), index_path=None) -> list[str]:
+def caption_set(source: str, label: str, train, synonyms=(), index_path=None, has_templates: bool = True) -> list[str]:
     """The caption set for y' (§3.1): "mined" = every training caption containing the label or a
-    synonym as a whole word; "templates" = CLIP's 80 ImageNet prompts filled with the label."""
+    synonym as a whole word; "templates" = CLIP's 80 ImageNet prompts filled with the label.
+    ``has_templates``: whether the command has --caption-source (the backdoor has not)."""
     if source == "mined":
         train = open_training_data(train)
         rows = mined_rows(train, label, synonyms, index_path)
         if len(rows) == 0:
             raise UserError(f"no training caption contains the label {label!r}"
                             f"{' or a synonym ' + repr(list(synonyms)) if synonyms else ''} as a whole word, so the "
-                            "mined caption set is empty; pick a label that occurs in the captions, add --synonyms, "
-                            "or use --caption-source templates")
+                            "mined caption set is empty; pick a label that occurs in the captions or add --synonyms"
+                            + (", or use --caption-source templates" if has_templates else ""))
         return caption_index(train).take(rows)
     if source == "templates":
         return template_captions(label)
@@ -81,10 +83,11 @@ def craft_multi_targeted_poisons(cfgs: list[TargetedConfig], train, evalset: Eva
     ev = CaptionEvasion(opt.caption_substitution, opt.filler_words)
     ev.validate()
     for cfg in cfgs:
-        if cfg.n_poisons < 1:
-            raise UserError(f"--n-poisons must be >= 1, got {cfg.n_poisons}")
-        if cfg.noise_sigma < 0:
-            raise UserError(f"--noise-sigma must be >= 0, got {cfg.noise_sigma}")
+        if not 1 <= cfg.n_poisons <= MAX_TARGETED_POISONS:
+            raise UserError(f"--n-poisons must be in 1..{MAX_TARGETED_POISONS:,}, got {cfg.n_poisons} (the paper "
+                            "uses 1..512; the copies of x' are built in memory); lower --n-poisons")
+        if not 0 <= cfg.noise_sigma < math.inf:  # also refuses NaN, which would write NaN images
+            raise UserError(f"--noise-sigma must be a finite number >= 0, got {cfg.noise_sigma}")
     labels = [c.target_label for c in cfgs]
     if len(set(labels)) != len(labels):
         raise UserError(f"targets share a label ({labels}); each target of one poison set needs its own y' "

@@ -120,6 +120,10 @@ class CaptionIndex:
 
         import pyarrow.parquet as pq
 
-        t = pq.read_table(path)
-        meta = (t.schema.metadata or {}).get(b"clip_poison_fingerprint", b"{}")
-        return cls(t.column("caption"), json.loads(meta))
+        try:
+            t = pq.read_table(path)
+            meta = json.loads((t.schema.metadata or {}).get(b"clip_poison_fingerprint", b"{}"))
+            return cls(t.column("caption").cast(pa.string()), meta)
+        except (pa.ArrowException, ValueError, KeyError) as e:  # not Parquet, no caption column, bad metadata
+            raise UserError(f"--caption-index {path} is not a caption index written by clip-poison "
+                            f"({type(e).__name__}: {e}); delete it (it is rebuilt) or pass a new path") from None

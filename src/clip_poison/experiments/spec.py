@@ -42,7 +42,8 @@ from ..io import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # ``real_world`` replaces ``world`` when a spec trains on captioned real photos (data/realworld.py);
-# ``eval`` is optional (the defaults evaluate the whole eval split with no train-split probe).
+# ``eval`` is optional (the defaults evaluate the whole eval split; synthetic worlds fit the probe on
+# 2,000 freshly rendered images, real worlds fit one only when ``probe_n`` asks for train-split photos).
 SECTIONS = {"world": WorldConfig, "real_world": RealWorldConfig, "backdoor": BackdoorConfig,
             "targeted": TargetedConfig, "train": TrainConfig, "eval": EvalConfig}
 UNSEEDED = {"eval"}
@@ -100,6 +101,29 @@ def _check_field(dotted: str, where: str) -> None:
         raise UserError(f"{where}: {dotted} is set from the run's seed; list seeds under `seeds:` instead")
 
 
+# The YAML types each annotation of the config dataclasses accepts (a bool is refused where a
+# number is meant, although Python counts it as an int).
+_YAML_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+               "tuple[float, float]": (list,)}
+
+
+def _check_value(dotted: str, value: Any, where: str) -> None:
+    sec, _, name = dotted.partition(".")
+    ann = str(next(f.type for f in dataclasses.fields(SECTIONS[sec]) if f.name == name))
+    ok = tuple(t for part in ann.split(" | ") for t in _YAML_TYPES.get(part, (object,)))
+    pair = not isinstance(value, list) or (len(value) == 2 and all(type(v) in (int, float) for v in value))
+    if (isinstance(value, bool) and bool not in ok) or not isinstance(value, ok) or not pair:
+        raise UserError(f"{where}: {dotted} must be of type {ann}, got {value!r}; fix its value in the spec")
+
+
+def _mapping(d: dict, key: str, where: str) -> dict:
+    v = d.get(key) or {}
+    if not isinstance(v, dict):
+        raise UserError(f"{where}: {key} must be a mapping (one `name: value` per line, e.g. "
+                        f"`axes: {{backdoor.n_poisons: [25, 50]}}`), got {v!r}")
+    return v
+
+
 def load_spec(path_or_preset: str | Path, size: str | None = None) -> SweepSpec:
     """Read a spec YAML (a path, or the name of a preset in ``experiments/presets``), apply a size,
     and validate every field name against the config dataclasses."""
@@ -124,24 +148,25 @@ def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec")
     if unknown:
         raise UserError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
     raw = copy.deepcopy(raw)
-    sizes = raw.pop("sizes", {}) or {}
+    sizes = _mapping(raw, "sizes", where)
+    raw.pop("sizes", None)
     if size is not None:
         if size not in sizes:
             raise UserError(f"{where}: no size {size!r}; this spec has {sorted(sizes) or 'none'}")
-        over = sizes[size] or {}
+        over = _mapping(sizes, size, f"{where} sizes")
         bad = set(over) - TOP_KEYS
         if bad:
             raise UserError(f"{where}: size {size!r} has unknown keys {sorted(bad)}")
-        raw["base"] = _deep_merge(raw.get("base") or {}, over.pop("base", {}) or {})
-        raw["axes"] = {**(raw.get("axes") or {}), **(over.pop("axes", {}) or {})}
-        raw.update(over)
+        raw["base"] = _deep_merge(_mapping(raw, "base", where), _mapping(over, "base", where))
+        raw["axes"] = {**_mapping(raw, "axes", where), **_mapping(over, "axes", where)}
+        raw.update({k: v for k, v in over.items() if k not in ("base", "axes")})
     for k in ("name", "attack"):
         if k not in raw:
             raise UserError(f"{where}: missing required key {k!r}")
     if raw["attack"] not in ATTACKS + ("none",):
         raise UserError(f"{where}: attack {raw['attack']!r} unknown; use one of {ATTACKS}, or none for a "
                         "sweep of clean victims only")
-    base = raw.get("base") or {}
+    base = _mapping(raw, "base", where)
     if "real_world" in base and "world" in base:
         raise UserError(f"{where}: base sets both world (synthetic) and real_world (photos); keep one")
     if "real_world" in base and not (base["real_world"] or {}).get("root"):
@@ -152,11 +177,14 @@ def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec")
             raise UserError(f"{where}: base.{sec} is not a config section; use {sorted(SECTIONS)}")
         for name in vals:
             _check_field(f"{sec}.{name}", f"{where} base")
-    axes = raw.get("axes") or {}
+            _check_value(f"{sec}.{name}", vals[name], f"{where} base")
+    axes = _mapping(raw, "axes", where)
     for k, v in axes.items():
         _check_field(k, f"{where} axes")
         if not isinstance(v, list) or not v:
             raise UserError(f"{where}: axis {k} must be a non-empty list, got {v!r}")
+        for x in v:
+            _check_value(k, x, f"{where} axes")
         if k.split(".")[0] in ATTACKS and k.split(".")[0] != raw["attack"]:
             raise UserError(f"{where}: axis {k} belongs to the {k.split('.')[0]} attack but this sweep's "
                             f"attack is {raw['attack']}")
@@ -165,9 +193,9 @@ def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec")
         raise UserError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise UserError(f"{where}: seeds {seeds} repeat a value")
-    n_targets = int(raw.get("n_targets", 1))
-    if n_targets < 1:
-        raise UserError(f"{where}: n_targets must be >= 1")
+    n_targets = raw.get("n_targets", 1)
+    if type(n_targets) is not int or n_targets < 1:
+        raise UserError(f"{where}: n_targets must be a whole number >= 1, got {n_targets!r}")
     analyses = list(raw.get("analyses") or [])
     if set(analyses) - set(ANALYSES):
         raise UserError(f"{where}: unknown analyses {sorted(set(analyses) - set(ANALYSES))}; available {ANALYSES}")
@@ -175,8 +203,8 @@ def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec")
                      figure=str(raw.get("figure", "")), description=str(raw.get("description", "")).strip(),
                      clean_control=bool(raw.get("clean_control", True)),
                      keep_checkpoints=bool(raw.get("keep_checkpoints", False)), n_targets=n_targets,
-                     resources={"num_cpus": 1, "num_gpus": 0, **(raw.get("resources") or {})},
-                     report=raw.get("report") or {}, size=size)
+                     resources={"num_cpus": 1, "num_gpus": 0, **_mapping(raw, "resources", where)},
+                     report=_mapping(raw, "report", where), size=size)
 
 
 def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> dict:

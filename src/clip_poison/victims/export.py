@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
 import open_clip
@@ -44,10 +45,16 @@ def load_victim(ckpt_dir: str | Path, device: str = "cpu"):
     if not (d / WEIGHTS).is_file():
         raise UserError(f"{d} has no {WEIGHTS}; without it open_clip builds a random model. "
                         "Re-export the checkpoint")
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{d}", device=device)
-    # open_clip loads the weights file itself; check it really did (not a silent random init).
-    sd = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
-    probe = next(iter(sd))
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{d}", device=device)
+        # open_clip loads the weights file itself; check it really did (not a silent random init).
+        sd = torch.load(d / WEIGHTS, map_location="cpu", weights_only=True)
+        probe = next(iter(sd))
+    except (RuntimeError, ValueError, KeyError, TypeError, EOFError, StopIteration, pickle.UnpicklingError) as e:
+        # torch and open_clip raise these for truncated or corrupt weights and a damaged config
+        why = str(e).partition("\n")[0][:120]
+        raise UserError(f"the checkpoint {d} is damaged ({type(e).__name__}: {why}); "
+                        "re-run `clip-poison train` to write it again") from None
     if not torch.equal(model.state_dict()[probe].cpu(), sd[probe]):
         raise UserError(f"weights in {d} did not load into the model; the checkpoint is damaged")
     model.eval()
