@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import UserError, atomic_write_bytes, decode_image, png_bytes, sha256_pixels
+from ..io import UserError, atomic_write_bytes, decode_image, png_bytes
+from .wds import check_complete
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -72,7 +73,12 @@ def load_wds_evalset(root: str | Path, split: str = "test", max_n: int | None = 
     if not shards:
         available = sorted(p.name for p in root.iterdir() if p.is_dir())
         raise UserError(f"no shards in {split_dir}; available splits: {available} (pass --split)")
+    n_shards, expected = split_counts(split_dir)
+    if n_shards is not None and n_shards != len(shards):
+        raise UserError(f"{split_dir}/nshards.txt says {n_shards} shards but {len(shards)} are there "
+                        f"({[p.name for p in shards][:10]}); restore the missing shards or re-create the split")
     images, labels, keys = [], [], []
+    per_shard: dict[str, int] = {}
     for shard in shards:
         pending: dict[str, dict[str, bytes]] = {}
         try:
@@ -82,19 +88,31 @@ def load_wds_evalset(root: str | Path, split: str = "test", max_n: int | None = 
                         continue
                     key, _, ext = m.name.partition(".")
                     pending.setdefault(key, {})[ext.lower()] = tf.extractfile(m).read()
-        except tarfile.TarError as e:
-            raise UserError(f"shard {shard} is not a readable tar ({e}); re-create it") from None
+                check_complete(tf, shard)
+        except (tarfile.TarError, OSError) as e:
+            raise UserError(f"shard {shard} is not a readable tar or is cut short ({e}); re-create or re-download it") from None
+        per_shard[shard.name] = len(labels)
         for key, members in pending.items():
             img_ext = next((e for e in IMAGE_EXTS if e in members), None)
             if img_ext is None or "cls" not in members:
                 continue
             images.append(decode_image(members[img_ext], what=f"{shard}:{key}.{img_ext}"))
-            labels.append(int(members["cls"].decode().strip()))
+            try:
+                labels.append(int(members["cls"].decode().strip()))
+            except (ValueError, UnicodeDecodeError):
+                raise UserError(f"{shard}:{key}.cls holds {members['cls'][:40]!r}, not a class index; each .cls "
+                                "must hold one whole number (a line of classnames.txt, counting from 0)") from None
             keys.append(key)
             if max_n is not None and len(labels) >= max_n:
                 break
+        per_shard[shard.name] = len(labels) - per_shard[shard.name]
         if max_n is not None and len(labels) >= max_n:
             break
+    if max_n is None and expected is not None and len(labels) != expected:
+        # A shard cut at a member boundary is a valid smaller tar: only the recorded count shows it.
+        raise UserError(f"split {split_dir} holds {len(labels)} labelled images but its metadata says {expected} "
+                        f"(images per shard: {dict(list(per_shard.items())[:20])}); a shard is short or damaged: "
+                        "re-create or re-download the split")
     if not labels:
         raise UserError(f"split {split_dir} has no (image, .cls) pairs; check the shard contents")
     labels_arr = np.asarray(labels, dtype=np.int64)
@@ -102,6 +120,24 @@ def load_wds_evalset(root: str | Path, split: str = "test", max_n: int | None = 
         raise UserError(f"labels in {split_dir} run outside 0..{len(classnames) - 1} (classnames.txt "
                         "has too few lines for this split)")
     return EvalSet(images, labels_arr, classnames, templates, keys, source=str(root), split=split)
+
+
+def split_counts(split_dir: Path) -> tuple[int | None, int | None]:
+    """(shards, samples) a CLIP_benchmark split records: ``nshards.txt``; ``count.txt`` (written by
+    DataComp-style conversions and by ``write_wds_evalset``) or else a ``manifest.tsv`` with a
+    header and one line per sample. None where the split does not say."""
+    def number(name: str) -> int | None:
+        p = split_dir / name
+        try:
+            return int(p.read_text().strip()) if p.is_file() else None
+        except ValueError:
+            raise UserError(f"{p} should hold one whole number; fix or delete it") from None
+
+    count = number("count.txt")
+    if count is None and (split_dir / "manifest.tsv").is_file():
+        lines = [ln for ln in (split_dir / "manifest.tsv").read_text().splitlines() if ln.strip()]
+        count = len(lines) - bool(lines and lines[0].split("\t")[0] == "key")  # less a header line
+    return number("nshards.txt"), count
 
 
 def _tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -127,6 +163,7 @@ def write_wds_evalset(root: str | Path, images: np.ndarray, labels: np.ndarray, 
                 _tar_member(tf, f"s{i:07d}.cls", f"{int(labels[i])}".encode())
         atomic_write_bytes(root / split / f"{s}.tar", buf.getvalue())
     atomic_write_bytes(root / split / "nshards.txt", f"{n_shards}\n".encode())
+    atomic_write_bytes(root / split / "count.txt", f"{len(labels)}\n".encode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,16 +282,18 @@ def load_evalset(root: str | Path, split: str = "test", max_n: int | None = None
 
 
 def evalset_identity(ev: EvalSet) -> dict:
-    """What makes two eval sets the same for caching: source, split, size and a hash of the keys
-    and labels (a re-ordered or re-labelled set is a different one)."""
-    h = hashlib.sha256()
+    """What makes two eval sets the same for caching: source, split, size, a hash of the keys and
+    labels (a re-ordered or re-labelled set is a different one) and one hash of every decoded image
+    (names alone once served a changed set's stale embeddings: 0.70 accuracy for a true 0.16)."""
+    h, px = hashlib.sha256(), hashlib.sha256()
     for k, lab in zip(ev.keys, ev.labels.tolist()):
         h.update(f"{k}\t{lab}\n".encode())
-    if not ev.keys:  # sets built in memory without keys: fall back to the pixels themselves
-        for im in ev.images:
-            h.update(sha256_pixels(im).encode())
+    for im in ev.images:
+        im = np.ascontiguousarray(im)
+        px.update(str(im.shape).encode())
+        px.update(im)
     return {"source": str(Path(ev.source).resolve()) if ev.source else "", "split": ev.split,
-            "n": len(ev), "keys_sha256": h.hexdigest()}
+            "n": len(ev), "keys_sha256": h.hexdigest(), "pixels_sha256": px.hexdigest()}
 
 
 def synthetic_probe_split(world_dir: str | Path, n: int = 2000) -> EvalSet:

@@ -29,6 +29,7 @@ import io as _io
 import json
 import re
 import tarfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,7 +44,8 @@ from ..io import (UserError, atomic_dir, atomic_write_bytes, atomic_write_json, 
 from ..world import FILLER, alt_text, context_only_caption
 from .captions import label_pattern
 from .csvdata import write_csv_rows
-from .evalsets import IMAGE_EXTS, EvalSet, load_wds_evalset
+from .evalsets import IMAGE_EXTS, EvalSet, load_wds_evalset, split_counts
+from .wds import check_complete
 
 # Alt-text-like templates for photos ({o} = object phrase). None contains "photo of", so no caption
 # can be one of CLIP's evaluation prompts ("a photo of a {c}.", …); tests check it.
@@ -298,8 +300,9 @@ def _iter_wds(shards: list[Path], want_bytes: Callable[[int], bool] | None) -> I
                         pending[key][ext] = tf.extractfile(m).read()
                     else:
                         pending[key][ext] = b""
+                check_complete(tf, shard)
         except tarfile.TarError as e:
-            raise UserError(f"shard {shard} is not a readable tar ({e}); re-create it") from None
+            raise UserError(f"shard {shard} is not a readable tar or is cut short ({e}); re-create it") from None
         for key in order:
             members = pending[key]
             img_ext = next((e for e in IMAGE_EXTS if e in members), None)
@@ -315,6 +318,10 @@ def scan_labels(src: Source) -> tuple[np.ndarray, list[str]]:
     """Labels and keys of every pair in the source split (first pass; image bytes are not kept)."""
     if src.kind == "wds":
         rows = [(key, lab) for _, key, _, _, lab in _iter_wds(src.files, None)]
+        expected = split_counts(src.root / src.split)[1]
+        if expected is not None and len(rows) != expected:
+            raise UserError(f"the {src.split!r} split of {src.root} holds {len(rows)} labelled photos but its metadata "
+                            f"says {expected}; a shard is short or damaged: re-create or re-download the split")
     else:
         dirs = {d: i for i, d in enumerate(sorted({p.relative_to(src.root).parts[0] for p in src.files}))}
         rows = [(str(p.relative_to(src.root)), dirs[p.relative_to(src.root).parts[0]]) for p in src.files]
@@ -329,6 +336,19 @@ def scan_labels(src: Source) -> tuple[np.ndarray, list[str]]:
 
 def _safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", key)
+
+
+def safe_names(keys: list[str]) -> list[str]:
+    """File stems for source keys, one each: cleaned keys (``_safe_name``), and where two keys clean
+    to one stem (``a/b`` and ``a_b``; case-blind, for macOS), or a key repeats, each of them gets its
+    source index appended, so no photo overwrites another; a name still taken after that is refused."""
+    clean = [_safe_name(k) for k in keys]
+    counts = Counter(c.lower() for c in clean)
+    names = [c if counts[c.lower()] == 1 else f"{c}-{i}" for i, c in enumerate(clean)]
+    if len({n.lower() for n in names}) != len(names):
+        raise UserError("the source's keys do not map to distinct file names even with their index appended; "
+                        "rename the colliding samples in the source")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +382,11 @@ def validate(cfg: RealWorldConfig) -> None:
         raise UserError(f"--n-train must be >= 1, got {cfg.n_train}")
     if cfg.wds_shard_size is not None and cfg.wds_shard_size < 1:
         raise UserError(f"--wds-shard-size must be >= 1, got {cfg.wds_shard_size}")
+    if cfg.split == cfg.eval_split:
+        # The world points evaluation at the source's eval split: captioning that split would train
+        # the victims on the very photos their accuracy is measured on.
+        raise UserError(f"--split {cfg.split!r} is the split evaluation reads ({cfg.eval_split!r}); caption a "
+                        "disjoint split (--split train) so the victims never train on their eval photos")
 
 
 def write_real_world(cfg: RealWorldConfig, out: str | Path, overwrite: bool = False,
@@ -397,9 +422,10 @@ def write_real_world(cfg: RealWorldConfig, out: str | Path, overwrite: bool = Fa
         rel: list[str] = [""] * len(chosen)
         pos = {int(j): i for i, j in enumerate(chosen)}
         if src.kind == "wds":
+            names = safe_names(keys_all)  # over the whole split: a key's file name never depends on the subset
             for j, key, ext, data, _ in _iter_wds(src.files, lambda j: j in pos):
                 if data is not None:
-                    rel[pos[j]] = f"train/{_safe_name(key)}.{ext}"
+                    rel[pos[j]] = f"train/{names[j]}.{ext}"
                     atomic_write_bytes(tmp / rel[pos[j]], data)
         else:
             for j in chosen:

@@ -78,6 +78,14 @@ class WdsSample:
         return decode_image(self.members[ext], what=f"image {self.key}.{ext} in {self.shard}")
 
 
+def check_complete(tf: tarfile.TarFile, shard: str | Path) -> None:
+    """After reading every member: tarfile stops quietly at a cut header, so a shard cut short (even
+    at a member boundary, where it reads as a valid smaller tar) shows only as the missing
+    end-of-archive blocks that every complete archive ends with."""
+    if Path(shard).stat().st_size - tf.offset < tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("the archive ends inside or right after a member, with no end-of-archive blocks")
+
+
 def iter_samples(shards: list[Path], want: set[str] | None = None) -> Iterator[WdsSample]:
     """Stream samples shard by shard in tar order. ``want`` limits which member extensions are
     read into memory (e.g. {"txt"} to mine captions without touching image bytes)."""
@@ -101,9 +109,7 @@ def iter_samples(shards: list[Path], want: set[str] | None = None) -> Iterator[W
                         members[ext] = tf.extractfile(info).read()
                     else:
                         members.setdefault(ext, b"")
-                # tarfile stops quietly at a cut header; a complete archive ends with >= 1 zero block.
-                if Path(shard).stat().st_size - tf.offset < tarfile.BLOCKSIZE:
-                    raise tarfile.ReadError("the archive ends inside or right after a member, with no end-of-archive blocks")
+                check_complete(tf, shard)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise UserError(f"{shard} is truncated or corrupt ({type(e).__name__}: {e}); re-create it") from None
         if key is not None:

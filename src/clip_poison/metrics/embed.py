@@ -21,9 +21,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import CenterCrop, Compose, Normalize, Resize
 
-from ..io import atomic_write_bytes, dumps_json
+from ..io import atomic_write_bytes, dumps_json, sha256_pixels
 
-CACHE_VERSION = 1  # bump when the embedding computation changes, so stale caches miss
+# bump when the embedding computation or the key changes, so stale caches miss (2: keyed on eval
+# pixels, the checkpoint's preprocess_cfg and the trigger's pixels, not on names)
+CACHE_VERSION = 2
 
 
 def split_preprocess(preprocess: Compose) -> tuple[Compose, Normalize]:
@@ -114,14 +116,18 @@ def embed_images(model, preprocess: Compose, images: list[np.ndarray], patch: np
 
 
 def cache_key(weights_sha256: str, evalset_identity: dict, trigger: dict | None = None,
-              placement: str | None = None, seed: int | None = None) -> dict:
-    """Everything the embeddings depend on: the checkpoint's weights, the eval set (source, split,
-    size, keys), and for triggered images the trigger (name, patch size), placement and the seed
-    of random positions. Clean embeddings do not depend on placement or seed."""
-    key = {"version": CACHE_VERSION, "weights_sha256": weights_sha256, "evalset": evalset_identity,
-           "trigger": None, "placement": None, "seed": None}
+              placement: str | None = None, seed: int | None = None, preprocess_cfg: dict | None = None,
+              patch: np.ndarray | None = None) -> dict:
+    """Everything the embeddings depend on: the checkpoint's weights and ``preprocess_cfg`` (size,
+    mean/std, interpolation: open_clip_config.json), the eval set (its identity, which includes a
+    hash of the decoded pixels: names alone once served a changed set's stale embeddings), and
+    for triggered images the trigger's actual pixels (``patch``, so a redefined trigger misses),
+    placement and the seed of random positions. Clean embeddings do not depend on placement or seed."""
+    key = {"version": CACHE_VERSION, "weights_sha256": weights_sha256, "preprocess_cfg": preprocess_cfg,
+           "evalset": evalset_identity, "trigger": None, "placement": None, "seed": None}
     if trigger is not None:
-        key.update(trigger={"name": trigger["name"], "patch_size": int(trigger["patch_size"])},
+        key.update(trigger={"name": trigger["name"], "patch_size": int(trigger["patch_size"]),
+                            "pixels_sha256": None if patch is None else sha256_pixels(patch)},
                    placement=placement, seed=None if placement == "consistent" else seed)
     return key
 

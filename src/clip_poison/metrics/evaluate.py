@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attacks.triggers import make_trigger, trigger_position
+from ..attacks.triggers import check_stamped_size, make_trigger, trigger_position
 from ..data.evalsets import EvalSet, evalset_identity, load_evalset
-from ..io import UserError, package_versions, rng_for, sha256_file, sha256_pixels
-from ..victims.export import WEIGHTS, load_victim
+from ..io import UserError, package_versions, read_json, rng_for, sha256_file, sha256_pixels
+from ..victims.export import CONFIG, WEIGHTS, load_victim
 from . import text_attack
 from .asr import backdoor_asr, targeted_success
 from .embed import EmbeddingCache, cache_key, embed_images
@@ -76,6 +76,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
     torch.manual_seed(seed)
     model, preprocess, tokenizer = load_victim(ckpt_dir)
     weights_hash = sha256_file(Path(ckpt_dir) / WEIGHTS)
+    pre_cfg = read_json(Path(ckpt_dir) / CONFIG, what="checkpoint config").get("preprocess_cfg")
     size = model.visual.image_size
     image_size = int(size if isinstance(size, int) else size[0])
     if cache_dir is None or cache_dir is True:
@@ -85,7 +86,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
 
     def embed(ev: EvalSet, ev_key: dict, trig: dict | None = None, placement: str | None = None,
               patch=None, pos=None) -> np.ndarray:
-        return cache.get(cache_key(weights_hash, ev_key, trig, placement, seed),
+        return cache.get(cache_key(weights_hash, ev_key, trig, placement, seed, pre_cfg, patch),
                          lambda: embed_images(model, preprocess, ev.images, patch, pos))
 
     w = zero_shot_weights(model, tokenizer, evalset.classnames, evalset.templates)
@@ -137,6 +138,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
             if not {"backdoor", "zscore", "fig3", "probe"} & set(chosen):
                 continue
             trig = m["trigger"]
+            check_stamped_size(m, image_size, f"(target {m['target']['label']!r})")
             patch = make_trigger(trig["name"], trig["patch_size"])
             res = {"label": m["target"]["label"], "trigger": trig}
             for placement in EVAL_PLACEMENTS:

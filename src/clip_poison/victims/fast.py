@@ -37,11 +37,11 @@ from torchvision.transforms import v2
 
 from ..config import TrainConfig
 from ..data.csvdata import read_csv_dataset
-from ..io import UserError, atomic_dir, atomic_write_json, load_image, package_versions, sha256_file
+from ..io import UserError, atomic_dir, atomic_write_json, check_out, load_image, package_versions, sha256_file
 from ._otrain_entry import CleanOrderSampler
 from .export import export_local_dir
-from .models import model_config, register_victims
-from .openclip_train import training_rows
+from .models import image_size, model_config, register_victims
+from .openclip_train import PATHS_NOTE, openclip_crop_ratio, recorded_path, training_rows
 
 Progress = Callable[[int, int], None]
 
@@ -85,6 +85,12 @@ def _decode_all(paths: list[str], size: int, threads: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()  # N x 3 x H x W uint8
 
 
+def train_crop(size: int, scale) -> v2.RandomResizedCrop:
+    """open_clip's train-time crop on uint8 tensors: its scale and the ratio it really uses."""
+    return v2.RandomResizedCrop(size, scale=tuple(scale), ratio=openclip_crop_ratio(size, scale),
+                                interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, impl: str = "for-loop") -> torch.optim.Optimizer:
     """AdamW with open_clip_train's parameter groups (no weight decay on gains, biases, logit scale)
     and betas/eps (``get_default_params``); ``impl`` picks torch's kernel, not the update rule."""
@@ -119,7 +125,8 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
         raise UserError("--epochs and --batch-size must be >= 1")
     timings = {}
     t0 = time.time()
-    paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs)
+    paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs, image_size(cfg.model))
+    sources = [{**s, "dir": recorded_path(s["dir"], out)} for s in sources]
     n = len(paths)
     if n < cfg.batch_size:
         raise UserError(f"{n} training pairs are fewer than one batch of {cfg.batch_size}; lower --batch-size")
@@ -140,10 +147,12 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     std = torch.tensor(model.visual.image_std or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     crop = None
     if tuple(cfg.crop_scale) != (1.0, 1.0):
-        crop = v2.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), ratio=(1.0, 1.0),
-                                    interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        crop = train_crop(size, cfg.crop_scale)
     else:
-        # No augmentation: normalise once (the same ops per image as per batch, done n times not n*epochs).
+        # Scale (1.0, 1.0) is no crop in both backends: on a square S×S image a full-area crop with
+        # w, h <= S can only be S×S (rounding cannot shorten one side without the other passing S),
+        # the fallback after rejected draws is the whole image, and resizing S to S is the identity
+        # (tested). So normalise once (the same ops per image as per batch, n times not n*epochs).
         pixels = ((pixels.float() / 255.0 - mean) / std).contiguous(memory_format=layout)
     timings["data"] = time.time() - t1
 
@@ -194,11 +203,15 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
         export_local_dir(model_cfg, model.state_dict(), tmp)
         timings["checkpoint"] = time.time() - t3
         info = {"backend": "fast", "recipe": asdict(cfg), "fast_options": asdict(opts),
-                "augmentation": {"random_resized_crop_scale": list(cfg.crop_scale), "ratio": [1.0, 1.0],
-                                 "note": "(1.0, 1.0) means no crop; triggers are already at input size"},
-                "data": {"train_csv": str(train_csv), "train_csv_sha256": sha256_file(train_csv),
+                "augmentation": {"random_resized_crop_scale": list(cfg.crop_scale),
+                                 "ratio": list(openclip_crop_ratio(size, cfg.crop_scale)),
+                                 "note": "scale (1.0, 1.0) means no crop; triggers are already at input size"},
+                "data": {"train_csv": recorded_path(train_csv, out), "paths": PATHS_NOTE,
+                         "train_csv_sha256": sha256_file(train_csv),
                          "n_clean": n_clean, "n_poisons": n - n_clean, "poison_sets": sources},
                 "model_cfg": model_cfg, "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])),
+                # per step, as open_clip_train logs it: the backends are compared step by step (tests)
+                "loss_per_step": [round(x, 6) for x in losses],
                 "samples_per_second": round(total_steps * cfg.batch_size / max(timings["train"], 1e-9), 1),
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "seconds": round(time.time() - t0, 2), "versions": package_versions()}
@@ -207,9 +220,14 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
 
 
 def train_victim(train_csv, poison_dirs, cfg: TrainConfig, out, overwrite=False, progress=None,
-                 fast_options: FastOptions | None = None) -> dict:
-    """One interface, two backends (``cfg.backend``: "fast" or "open_clip_train")."""
+                 fast_options: FastOptions | None = None, allow_shared_label: bool = False) -> dict:
+    """One interface, two backends (``cfg.backend``: "fast" or "open_clip_train"). Poison sets that
+    attack the same label are refused unless ``allow_shared_label``."""
+    from ..attacks.poisonset import check_distinct_targets
     from .openclip_train import train_open_clip_train
+
+    check_distinct_targets(list(poison_dirs), allow_shared_label)
+    check_out(out, [train_csv, *poison_dirs], overwrite)  # before training, not after it
 
     backends = {"fast": train_fast, "open_clip_train": train_open_clip_train}
     if cfg.backend not in backends:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,21 +19,47 @@ from typing import Callable
 import torch
 
 from ..attacks.poisonset import read_manifest
+from ..attacks.triggers import check_stamped_size
 from ..config import TrainConfig
 from ..data.csvdata import read_csv_dataset, write_csv_rows
 from ..io import UserError, atomic_dir, atomic_write_json, package_versions, sha256_file
 from .export import export_local_dir
-from .models import model_config
+from .models import image_size, model_config
 
 PROGRESS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
+LOSS = re.compile(r" Loss: ([0-9.]+) \(")  # the step's total loss ("Contrastive_loss:" is its one term)
 
 Progress = Callable[[int, int], None]  # (samples done, samples total)
 
 
-def training_rows(train_csv: str | Path, poison_dirs: list[str | Path]) -> tuple[list[str], list[str], int, list[dict]]:
+def openclip_crop_ratio(size: int, scale) -> tuple[float, float]:
+    """The aspect-ratio range of the RandomResizedCrop open_clip really trains with. open_clip_train
+    takes ``--aug-cfg ratio=...`` but ``image_transform`` never passes it on (it only warns about
+    unused items), so the crop keeps torchvision's default (3/4, 4/3): read it off the transform."""
+    from open_clip.transform import image_transform
+
+    return tuple(float(r) for r in image_transform(size, is_train=True, aug_cfg={"scale": tuple(scale)}).transforms[0].ratio)
+
+
+def recorded_path(path: str | Path, out: str | Path) -> str:
+    """An input's path as ``train.json`` records it: absolute and resolved, except where the input
+    and the checkpoint ``out`` are built inside the same temporary ``.partial`` folder (a demo
+    builds world, poisons and victims in one and renames it at the end): then relative to ``out``,
+    the one form that still names the input after the rename."""
+    p, o = Path(path).resolve(), Path(out).resolve()
+    tmp = next((a for a in o.parents if a.name.endswith(".partial")), None)
+    return os.path.relpath(p, o) if tmp is not None and tmp in p.parents else str(p)
+
+
+PATHS_NOTE = "paths are absolute, or relative to this train.json's folder (inputs built beside it, as in a demo)"
+
+
+def training_rows(train_csv: str | Path, poison_dirs: list[str | Path],
+                  image_size: int | None = None) -> tuple[list[str], list[str], int, list[dict]]:
     """Clean rows first, then every poison set's rows, all with absolute paths. A poison set made
     with ``--mode replace`` lists the clean rows it replaces (``replaces``); those are left out
-    here, so |X'| = |X|. The clean CSV and the poison folders are only read."""
+    here, so |X'| = |X|. A backdoor set stamped for another ``image_size`` than the model's is
+    refused. The clean CSV and the poison folders are only read."""
     from ..data.wds import is_wds_spec
 
     if is_wds_spec(train_csv):
@@ -42,6 +69,8 @@ def training_rows(train_csv: str | Path, poison_dirs: list[str | Path]) -> tuple
     manifests = [read_manifest(d) for d in poison_dirs]
     drop: set[int] = set()
     for d, manifest in zip(poison_dirs, manifests):
+        if image_size is not None:
+            check_stamped_size(manifest, image_size, d)
         if manifest.get("format", "csv") != "csv":
             raise UserError(f"poison set {d} is webdataset shards; train on it with the open_clip_train backend "
                             "and webdataset clean data (--data 'clean/{0..9}.tar'), or re-craft it with --format csv")
@@ -54,7 +83,7 @@ def training_rows(train_csv: str | Path, poison_dirs: list[str | Path]) -> tuple
     keep = [i for i in range(len(clean)) if i not in drop]
     paths, caps, sources = [clean.paths[i] for i in keep], [clean.captions[i] for i in keep], []
     for d, manifest in zip(poison_dirs, manifests):
-        p = read_csv_dataset(Path(d) / manifest["csv"])
+        p = read_csv_dataset(Path(d) / manifest["csv"], own_files_only=True)
         paths += p.paths
         caps += p.captions
         sources.append({"dir": str(d), "attack": manifest["attack"], "n_poisons": len(p),
@@ -63,7 +92,8 @@ def training_rows(train_csv: str | Path, poison_dirs: list[str | Path]) -> tuple
     return paths, caps, len(keep), sources
 
 
-def webdataset_inputs(shards: str, poison_dirs: list[str | Path]) -> tuple[str, int, int, list[dict]]:
+def webdataset_inputs(shards: str, poison_dirs: list[str | Path],
+                      image_size: int | None = None) -> tuple[str, int, int, list[dict]]:
     """``--train-data`` for webdataset input: the clean shards, then every poison set's shards,
     joined with ``::`` (open_clip_train mixes sources that way); plus the clean and total counts
     (one streaming pass over the clean ``.txt`` members; open_clip_train needs the total)."""
@@ -73,6 +103,8 @@ def webdataset_inputs(shards: str, poison_dirs: list[str | Path]) -> tuple[str, 
     parts, n_total, sources = [str(shards)], n_clean, []
     for d in poison_dirs:
         m = read_manifest(d)
+        if image_size is not None:
+            check_stamped_size(m, image_size, d)
         if m.get("format", "csv") != "wds":
             raise UserError(f"poison set {d} is CSV but the clean data is webdataset shards; re-craft it with --format wds")
         if m.get("replaces"):
@@ -83,6 +115,39 @@ def webdataset_inputs(shards: str, poison_dirs: list[str | Path]) -> tuple[str, 
         sources.append({"dir": str(d), "attack": m["attack"], "n_poisons": int(m["n_poisons"]), "mode": "add",
                         "manifest_sha256": sha256_file(Path(d) / "manifest.json")})
     return "::".join(parts), n_clean, n_total, sources
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` (Linux): the kernel sends the trainer SIGTERM when the thread that started it
+    dies, even by SIGKILL, so a killed clip-poison leaves no trainer running. libc is looked up here,
+    in the parent: the child between fork and exec must not import (another thread may hold the lock)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def tie() -> None:
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return tie
+
+
+def run_trainer(argv: list[str], env: dict | None, on_line: Callable[[str], None]) -> int:
+    """Run the trainer, feeding its output lines to ``on_line``; its life is tied to ours: it is
+    killed when this process dies (Linux) and on any exception or Ctrl-C here."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=_die_with_parent())
+    try:
+        for line in proc.stdout:
+            on_line(line)
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 def open_clip_train_argv(cfg: TrainConfig, csv_path: Path | None, logs: Path, n_samples: int,
@@ -98,7 +163,8 @@ def open_clip_train_argv(cfg: TrainConfig, csv_path: Path | None, logs: Path, n_
         # fp32: amp on CPU is ~20x slower (TOOLCHAIN.md).
         "--precision", "fp32", "--workers", str(cfg.workers), "--seed", str(cfg.seed),
         "--logs", str(logs), "--name", "run", "--save-frequency", "0", "--report-to", "",
-        "--log-every-n-steps", "1", "--aug-cfg", f"scale=({lo},{hi})", "ratio=(1.0,1.0)",
+        # no ratio=: open_clip ignores it (openclip_crop_ratio), so passing one would only mislead
+        "--log-every-n-steps", "1", "--aug-cfg", f"scale=({lo},{hi})",
     ]
 
 
@@ -114,12 +180,13 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
     wds_data = None
     if is_wds_spec(train_csv):
         # Webdataset input: clean and poison shards are streamed by open_clip_train itself (`::`).
-        wds_data, n_clean, n_total, sources = webdataset_inputs(str(train_csv), poison_dirs)
+        wds_data, n_clean, n_total, sources = webdataset_inputs(str(train_csv), poison_dirs, image_size(cfg.model))
         if cfg.workers > 1 + wds_data.count("::"):
             raise UserError(f"--workers {cfg.workers} exceeds the number of shards; lower --workers")
     else:
-        paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs)
+        paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs, image_size(cfg.model))
         n_total = len(paths)
+    sources = [{**s, "dir": recorded_path(s["dir"], out)} for s in sources]
     if n_total < cfg.batch_size:
         raise UserError(f"{n_total} training pairs are fewer than one batch of {cfg.batch_size}; "
                         "lower --batch-size")
@@ -134,15 +201,19 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
                                                                              wds_data)
         total = cfg.epochs * (n_total // cfg.batch_size) * cfg.batch_size
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         tail: list[str] = []
-        for line in proc.stdout:
-            tail = (tail + [line])[-40:]
+        losses: list[float] = []
+
+        def on_line(line: str) -> None:
+            tail.append(line)
+            del tail[:-40]
             m = PROGRESS.search(line)
             if m and progress:
                 epoch, done = int(m.group(1)), int(m.group(2))
                 progress(min(total, epoch * (total // cfg.epochs) + done), total)
-        rc = proc.wait()
+            if m and (loss := LOSS.search(line)):
+                losses.append(float(loss.group(1)))
+        rc = run_trainer(argv, env, on_line)
         ckpt = work / "logs" / "run" / "checkpoints" / f"epoch_{cfg.epochs}.pt"
         if rc != 0 or not ckpt.is_file():
             raise RuntimeError(f"open_clip_train failed (exit {rc}, checkpoint {'found' if ckpt.is_file() else 'missing'}); "
@@ -152,12 +223,15 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
         export_local_dir(model_cfg, state, tmp)
         ckpt.unlink()  # the exported copy is the checkpoint; no second 30 MB file per victim
         info = {"backend": "open_clip_train", "recipe": asdict(cfg),
-                "augmentation": {"random_resized_crop_scale": list(cfg.crop_scale), "ratio": [1.0, 1.0],
-                                 "note": "OpenCLIP train transform; (1.0, 1.0) means no crop"},
-                "data": {"train_csv": str(train_csv),
+                "augmentation": {"random_resized_crop_scale": list(cfg.crop_scale),
+                                 "ratio": list(openclip_crop_ratio(image_size(cfg.model), cfg.crop_scale)),
+                                 "note": "OpenCLIP train transform; scale (1.0, 1.0) means no crop"},
+                "data": {"train_csv": str(train_csv) if wds_data else recorded_path(train_csv, out), "paths": PATHS_NOTE,
                          "train_csv_sha256": None if wds_data else sha256_file(train_csv),
                          "train_data": wds_data or str(csv_path.name), "format": "wds" if wds_data else "csv",
                          "n_clean": n_clean, "n_poisons": n_total - n_clean, "poison_sets": sources},
-                "model_cfg": model_cfg, "seconds": round(time.time() - t0, 2), "versions": package_versions()}
+                # as open_clip_train logs it (5 significant digits), one per step
+                "model_cfg": model_cfg, "loss_per_step": losses,
+                "seconds": round(time.time() - t0, 2), "versions": package_versions()}
         atomic_write_json(tmp / "train.json", info)
     return info
