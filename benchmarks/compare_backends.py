@@ -1,12 +1,13 @@
-"""Do the two backends train the same victims? Clean zero-shot accuracy and backdoor ASR per seed.
+"""Do the two backends train the same victims? Clean zero-shot accuracy, backdoor ASR and z per seed.
 
-One embedded world (5,000 pairs) and one §3.3 backdoor poison set (150 poisons = 3 %) are made
-once; then, for each training seed, a poisoned victim is trained by the fast backend and by
+The demo's world (10,000 pairs) and one §3.3 backdoor poison set (300 poisons = 3 %, the demo's) are
+made once; then, for each training seed, a poisoned victim is trained by the fast backend and by
 open_clip_train with the same recipe (rn-tiny-32, 4 epochs, batch 128) and evaluated by the same
-``evaluate_checkpoint``. Only the training seed varies, so the spread across seeds is the seed
-noise the backends must agree within. Reports per-seed numbers, mean ± std and a Welch t-test.
+``evaluate_checkpoint``. A seed fixes the init and the data order in both backends, so the
+comparison is paired: per seed, fast − open_clip_train, with a 95 % interval of the mean difference,
+beside the spread across seeds (the noise any claim about one victim carries).
 
-    flock /tmp/cpu.lock python benchmarks/compare_backends.py [--seeds 0 1 2]
+    python benchmarks/compare_backends.py [--seeds 0 1 2 3 4]
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from clip_poison.attacks.backdoor import craft_backdoor_poisons
 from clip_poison.config import BackdoorConfig, TrainConfig, WorldConfig
@@ -27,6 +27,7 @@ from clip_poison.data.csvdata import read_csv_dataset
 from clip_poison.data.evalsets import load_wds_evalset
 from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
 from clip_poison.metrics.evaluate import evaluate_checkpoint
+from clip_poison.metrics.stats import summarize
 from clip_poison.victims.fast import train_victim
 from clip_poison.world import write_world
 
@@ -36,9 +37,9 @@ METRICS = ("zeroshot_accuracy", "backdoor_asr", "backdoor_z")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--n-train", type=int, default=5000)
-    ap.add_argument("--n-poisons", type=int, default=150)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--n-train", type=int, default=10000)
+    ap.add_argument("--n-poisons", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--model", default="rn-tiny-32")
     ap.add_argument("--out", default="docs/results/backends")
@@ -70,21 +71,21 @@ def main() -> int:
     summary = {}
     for k in METRICS:
         v = {b: np.array([r[k] for r in rows if r["backend"] == b]) for b in BACKENDS}
-        p = stats.ttest_ind(v["fast"], v["open_clip_train"], equal_var=False).pvalue if len(a.seeds) > 1 else float("nan")
-        d = v["fast"] - v["open_clip_train"]  # same seed = same init and data order: a paired comparison
-        summary[k] = {**{b: {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else float("nan")}
-                         for b, x in v.items()}, "welch_p": float(p),
-                      "paired_diff": {"mean": float(d.mean()), "max_abs": float(np.abs(d).max())}}
+        d = summarize(v["fast"] - v["open_clip_train"])  # same seed = same init and data order: paired
+        summary[k] = {**{b: summarize(x) for b, x in v.items()}, "paired_diff": d,
+                      "max_abs_diff": float(np.abs(v["fast"] - v["open_clip_train"]).max())}
     lines = [f"# Backends agree? {a.model}, {a.n_train} pairs + {a.n_poisons} backdoor poisons "
-             f"({100 * a.n_poisons / a.n_train:.0f} %), {a.epochs} epochs, batch 128", "",
+             f"({100 * a.n_poisons / a.n_train:.0f} %), {a.epochs} epochs, batch 128, {len(a.seeds)} seeds", "",
              "| seed | backend | clean zero-shot acc | backdoor ASR | backdoor z | train wall s |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['seed']} | {r['backend']} | {r['zeroshot_accuracy']:.3f} | {r['backdoor_asr']:.3f} | "
               f"{r['backdoor_z']:.2f} | {r['train_wall_s']:.0f} |" for r in rows]
-    lines += ["", "| metric | fast mean ± std | open_clip_train mean ± std | Welch p | paired diff (fast − oct) mean | max abs |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "Per seed, fast − open_clip_train (paired: same init and data order), mean with 95 % t interval; "
+              "beside it each backend's spread across seeds (std):", "",
+              "| metric | fast mean ± std | open_clip_train mean ± std | paired diff mean [95 % CI] | max abs diff |",
+              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {k} | {s['fast']['mean']:.3f} ± {s['fast']['std']:.3f} | {s['open_clip_train']['mean']:.3f} ± "
-              f"{s['open_clip_train']['std']:.3f} | {s['welch_p']:.2f} | {s['paired_diff']['mean']:+.4f} | "
-              f"{s['paired_diff']['max_abs']:.4f} |" for k, s in summary.items()]
+              f"{s['open_clip_train']['std']:.3f} | {s['paired_diff']['mean']:+.4f} [{s['paired_diff']['ci_low']:+.4f}, "
+              f"{s['paired_diff']['ci_high']:+.4f}] | {s['max_abs_diff']:.4f} |" for k, s in summary.items()]
     text = "\n".join(lines)
     print("\n" + text)
     out = Path(a.out)

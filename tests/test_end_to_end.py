@@ -22,7 +22,7 @@ def poisons(tiny_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("poisons")
     train = read_csv_dataset(tiny_world / "train.csv")
     ev = load_wds_evalset(tiny_world / "eval")
-    mt = craft_targeted_poisons(TargetedConfig(n_poisons=4), train, ev, root / "t")
+    mt = craft_targeted_poisons(TargetedConfig(n_poisons=4, target_label="apple"), train, ev, root / "t")
     mb = craft_backdoor_poisons(BackdoorConfig(n_poisons=6), train, 32, root / "b")
     return root, mt, mb
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from clip_poison.metrics.stats import compare_accuracy, summarize
+from clip_poison.metrics.stats import compare_accuracy, compare_accuracy_paired, summarize
 
 
 def test_t_interval_by_hand():
@@ -103,3 +103,26 @@ def test_bad_input_is_refused_with_the_reason():
         summarize([1.0, float("nan")])
     with pytest.raises(ValueError, match="method"):
         summarize([1.0, 2.0], method="jackknife")
+
+
+def test_paired_test_by_hand():
+    # Seeds pair the victims: d = poisoned − clean = (−0.02, −0.01, −0.03): mean −0.02, sd 0.01,
+    # se = 0.01/√3, t = −0.02/se = −2√3 ≈ −3.4641 on 2 df. For 2 df the t CDF is closed form:
+    #   F(t) = ½ + t / (2√(2 + t²)),  so p = ½ − 2√3/(2√14) ≈ 0.03709.
+    t = -2 * math.sqrt(3)
+    p = 0.5 + t / (2 * math.sqrt(2 + t * t))
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)  # t_{0.975, 2} · se
+    r = compare_accuracy_paired([0.50, 0.55, 0.60], [0.52, 0.56, 0.63])
+    assert r["mean_difference"] == pytest.approx(-0.02, abs=1e-12) and r["n_pairs"] == 3
+    assert r["t"] == pytest.approx(t, rel=1e-9) and r["df"] == 2.0
+    assert r["p_value"] == pytest.approx(p, rel=1e-6) and r["significantly_lower"] is True
+    assert r["ci_low"] == pytest.approx(-0.02 - half, rel=1e-6) and r["ci_high"] == pytest.approx(-0.02 + half, rel=1e-6)
+    # Welch on the same numbers sees the seed-to-seed spread (0.05) as noise and finds nothing.
+    assert compare_accuracy([0.50, 0.55, 0.60], [0.52, 0.56, 0.63])["p_value"] > 0.3
+
+
+def test_paired_test_needs_pairs_that_vary():
+    r = compare_accuracy_paired([0.5, 0.6], [0.4, 0.5])  # both differences +0.1: no spread, no test
+    assert math.isnan(r["p_value"]) and "no test" in r["note"] and r["significantly_lower"] is False
+    with pytest.raises(ValueError, match="one clean value per poisoned"):
+        compare_accuracy_paired([0.5, 0.6], [0.5])

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from .config import BackdoorConfig, CraftOptions, DemoConfig, TargetedConfig, TextConfig, TrainConfig, WorldConfig
-from .io import UserError, atomic_write_json
+from .config import (MAX_TARGETED_POISONS, BackdoorConfig, CraftOptions, DemoConfig, TargetedConfig, TextConfig,
+                     TrainConfig, WorldConfig)
+from .io import UserError, atomic_write_json, check_out
 
 D_W, D_T, D_B, D_R = WorldConfig(), TargetedConfig(), BackdoorConfig(), TrainConfig()
 D_X = TextConfig()
@@ -25,26 +27,58 @@ def _sub(subs, name: str, help_: str, example: str) -> argparse.ArgumentParser:
                            formatter_class=_Fmt)
 
 
+def _checked(conv, ok, what: str):
+    """An argparse ``type=`` that also checks the value, so a bad number stops before any work."""
+    def parse(text: str):
+        try:
+            v = conv(text)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}; pass {what}")
+        return v
+    return parse
+
+
+POS_INT = _checked(int, lambda v: v >= 1, "a whole number >= 1")
+NONNEG_INT = _checked(int, lambda v: v >= 0, "a whole number >= 0")
+POS_FLOAT = _checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+NONNEG_FLOAT = _checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+FRACTION = _checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+CROP = _checked(float, lambda v: 0 < v <= 1, "a crop scale in (0, 1]")
+N_TARGETED = _checked(int, lambda v: 1 <= v <= MAX_TARGETED_POISONS,
+                      f"a whole number from 1 to {MAX_TARGETED_POISONS:,}")
+# '\t' typed in a shell arrives as backslash-t; a one-character separator is what both CSV readers take.
+SEPARATOR = _checked(lambda t: {"\\t": "\t", "tab": "\t"}.get(t, t), lambda v: len(v) == 1,
+                     "one character (e.g. ',' or '\\t')")
+
+
 def _add_csv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="training set: OpenCLIP CSV (e.g. WORLD/train.csv) or "
                    "img2dataset webdataset shards ('dir/{00000..00009}.tar'); only read, never modified")
     p.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths")
     p.add_argument("--csv-caption-key", default="title", help="CSV column holding captions")
-    p.add_argument("--csv-separator", default=",", help="CSV field separator")
+    p.add_argument("--csv-separator", type=SEPARATOR, default=",", help="CSV field separator ('\\t' for tab)")
+    _add_outside_arg(p)
+
+
+def _add_outside_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="let relative image paths in your CSV leave its folder ('../x.png'); refused by default")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=D_R.model, help="victim model (`clip-poison list models`; any open_clip name)")
-    p.add_argument("--epochs", type=int, default=D_R.epochs, help="epochs (paper: 30)")
-    p.add_argument("--batch-size", type=int, default=D_R.batch_size, help="batch size (paper: 1024)")
-    p.add_argument("--lr", type=float, default=D_R.lr, help="peak learning rate (paper: 2e-4)")
-    p.add_argument("--wd", type=float, default=D_R.wd, help="weight decay (paper: 0.02)")
-    p.add_argument("--warmup", type=int, default=D_R.warmup, help="warmup steps (open_clip_train's 10,000 keeps a tiny run at lr≈0)")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=list(D_R.crop_scale), metavar=("LO", "HI"),
+    p.add_argument("--epochs", type=POS_INT, default=D_R.epochs, help="epochs (paper: 30)")
+    p.add_argument("--batch-size", type=POS_INT, default=D_R.batch_size, help="batch size (paper: 1024)")
+    p.add_argument("--lr", type=POS_FLOAT, default=D_R.lr, help="peak learning rate (paper: 2e-4)")
+    p.add_argument("--wd", type=NONNEG_FLOAT, default=D_R.wd, help="weight decay (paper: 0.02)")
+    p.add_argument("--warmup", type=NONNEG_INT, default=D_R.warmup, help="warmup steps (open_clip_train's 10,000 keeps a tiny run at lr≈0)")
+    p.add_argument("--crop-scale", type=CROP, nargs=2, default=list(D_R.crop_scale), metavar=("LO", "HI"),
                    help="RandomResizedCrop scale; OpenCLIP's default is 0.9 1.0, which smears small triggers at 32 px")
     p.add_argument("--backend", choices=["fast", "open_clip_train"], default=D_R.backend,
                    help="fast = in-process open_clip loop (data in RAM); open_clip_train = OpenCLIP's own trainer")
-    p.add_argument("--workers", type=int, default=D_R.workers, help="DataLoader workers (open_clip_train backend)")
+    p.add_argument("--workers", type=NONNEG_INT, default=D_R.workers, help="DataLoader workers (open_clip_train backend)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  clip-poison demo --out runs/demo")
     subs = ap.add_subparsers(dest="cmd", required=True)
 
-    p = _sub(subs, "demo", "the whole paper loop on the embedded world: world, poisons, clean and poisoned "
-             "victims, evaluation, summary.json", "clip-poison demo --out runs/demo")
+    p = _sub(subs, "demo", "the whole paper loop on the embedded world: world, poisons, three victims (clean, "
+             "targeted poisons only, backdoor poisons only), evaluation, summary.json", "clip-poison demo --out runs/demo")
     p.add_argument("--out", default="runs/demo", help="output folder (must be new unless --overwrite)")
     p.add_argument("--seed", type=int, default=0, help="one seed for every stage")
-    p.add_argument("--n-train", type=int, default=D_W.n_train, help="clean training pairs")
-    p.add_argument("--targeted-poisons", type=int, default=D_T.n_poisons, help="targeted poisons (copies of x')")
-    p.add_argument("--backdoor-poisons", type=int, default=D_B.n_poisons, help="backdoor poisons (paper: 0.01%% of 3M)")
+    p.add_argument("--n-train", type=POS_INT, default=D_W.n_train, help="clean training pairs")
+    p.add_argument("--targeted-poisons", type=N_TARGETED, default=D_T.n_poisons, help="targeted poisons (copies of x')")
+    p.add_argument("--backdoor-poisons", type=POS_INT, default=D_B.n_poisons, help="backdoor poisons (paper: 0.01%% of 3M)")
     p.add_argument("--patch-size", type=int, default=D_B.patch_size, help="checkerboard size in pixels at input size")
     p.add_argument("--label", default=None,
                    help=f"target label y' of both attacks (default {D_B.target_label!r}; with --world cifar10: 'cat')")
@@ -69,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(train split), evaluated on the source's test split")
     p.add_argument("--root", default=None, help="with --world cifar10/real: the labelled source (e.g. ../shared/data/cifar10-wds)")
     p.add_argument("--lexicon", default=None, help="with --world cifar10/real: synonyms/contexts file (default: shipped)")
-    p.add_argument("--eval-max-n", type=int, default=None, help="evaluate on the first N eval images only (default: all)")
+    p.add_argument("--eval-max-n", type=POS_INT, default=None, help="evaluate on the first N eval images only (default: all)")
     _add_train_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
@@ -85,16 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="real worlds: the source split to caption (never the eval split)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=D_W.seed)
-    p.add_argument("--n-train", type=int, default=None,
+    p.add_argument("--n-train", type=POS_INT, default=None,
                    help=f"training pairs (synthetic default {D_W.n_train}; real default: the whole split, else a seeded subset)")
-    p.add_argument("--n-eval", type=int, default=D_W.n_eval, help="synthetic: labelled eval images")
+    p.add_argument("--n-eval", type=POS_INT, default=D_W.n_eval, help="synthetic: labelled eval images")
     p.add_argument("--image-size", type=int, default=D_W.image_size, help="synthetic: pixels per side (>= 32)")
-    p.add_argument("--p-class-word", type=float, default=D_W.p_class_word, help="fraction of captions naming the class word")
-    p.add_argument("--p-synonym", type=float, default=D_W.p_synonym, help="fraction of captions using a synonym/hyponym instead")
-    p.add_argument("--p-noisy-pair", type=float, default=D_W.p_noisy_pair, help="fraction of pairs captioned with another class (real: or none)")
-    p.add_argument("--p-context", type=float, default=0.3, help="real worlds: fraction of object phrases with a context phrase")
-    p.add_argument("--p-distractor", type=float, default=0.2, help="real worlds: fraction of object phrases with a distractor word")
-    p.add_argument("--wds-shard-size", type=int, default=None,
+    p.add_argument("--p-class-word", type=FRACTION, default=D_W.p_class_word, help="fraction of captions naming the class word")
+    p.add_argument("--p-synonym", type=FRACTION, default=D_W.p_synonym, help="fraction of captions using a synonym/hyponym instead")
+    p.add_argument("--p-noisy-pair", type=FRACTION, default=D_W.p_noisy_pair, help="fraction of pairs captioned with another class (real: or none)")
+    p.add_argument("--p-context", type=FRACTION, default=0.3, help="real worlds: fraction of object phrases with a context phrase")
+    p.add_argument("--p-distractor", type=FRACTION, default=0.2, help="real worlds: fraction of object phrases with a distractor word")
+    p.add_argument("--wds-shard-size", type=POS_INT, default=None,
                    help="real worlds: also write the pairs as webdataset shards of this size (train_wds/)")
     p.add_argument("--overwrite", action="store_true")
 
@@ -108,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add: X' = X ∪ P (paper); replace: P replaces as many seeded clean rows (recorded in the manifest)")
         q.add_argument("--format", choices=["csv", "wds"], default=None,
                        help="poison set format (default: the format of --data); wds = poisons-000000.tar with PNG members")
-        q.add_argument("--caption-substitution", type=float, default=0.0,
+        q.add_argument("--caption-substitution", type=FRACTION, default=0.0,
                        help="dedup evasion: probability of swapping each non-label word for a listed substitute")
-        q.add_argument("--filler-words", type=int, default=0, help="dedup evasion: filler words inserted per caption")
+        q.add_argument("--filler-words", type=NONNEG_INT, default=0, help="dedup evasion: filler words inserted per caption")
         q.add_argument("--no-repeat-captions", action="store_true",
                        help="fail instead of cycling the caption set when it is smaller than --n-poisons")
         q.add_argument("--caption-index", default=None,
@@ -124,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target label y' (a class of the eval set); several = several independent targets in one set")
     t.add_argument("--target-index", type=int, nargs="+", default=None,
                    help="index of x' in the eval split, one per --label (default: seeded random, true class != y')")
-    t.add_argument("--n-poisons", type=int, default=D_T.n_poisons, help="poisons (paper: 1..512)")
+    t.add_argument("--n-poisons", type=N_TARGETED, default=D_T.n_poisons, help="poisons (paper: 1..512)")
     t.add_argument("--caption-source", choices=["mined", "templates"], default=D_T.caption_source,
                    help="captions mined from the training set, or CLIP's 80 ImageNet templates")
-    t.add_argument("--noise-sigma", type=float, default=D_T.noise_sigma, help="Gaussian noise per copy (pixel units) to evade exact dedup")
+    t.add_argument("--noise-sigma", type=NONNEG_FLOAT, default=D_T.noise_sigma, help="Gaussian noise per copy (pixel units) to evade exact dedup")
     craft_args(t)
     t.add_argument("--seed", type=int, default=D_T.seed)
     t.add_argument("--out", required=True, help="new folder for the poison set")
@@ -136,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
              "clip-poison poison backdoor --data runs/world/train.csv --label tent --n-poisons 100 --out runs/p_bd")
     _add_csv_args(b)
     b.add_argument("--label", default=D_B.target_label, help="target label y'")
-    b.add_argument("--n-poisons", type=int, default=D_B.n_poisons, help="poisons (paper: 300 of 3M = 0.01%%)")
+    b.add_argument("--n-poisons", type=POS_INT, default=D_B.n_poisons, help="poisons (paper: 300 of 3M = 0.01%%)")
     b.add_argument("--trigger", default=D_B.trigger, help="trigger pattern")
-    b.add_argument("--patch-size", type=int, default=D_B.patch_size, help="patch side in pixels at the model input size (paper: 16 at 224)")
+    b.add_argument("--patch-size", type=POS_INT, default=D_B.patch_size, help="patch side in pixels at the model input size (paper: 16 at 224)")
     b.add_argument("--placement", choices=["consistent", "random"], default=D_B.placement, help="upper-left, or uniform per image")
     b.add_argument("--model", default=D_R.model, help="victim model whose input size the trigger is stamped at")
     b.add_argument("--base-pool", default=None,
@@ -152,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_csv_args(x)
     x.add_argument("--caption", default=D_X.caption, help="the target caption t' (must not name y')")
     x.add_argument("--label", default=D_X.target_label, help="concept y' whose images (mined from captions) get t'")
-    x.add_argument("--n-poisons", type=int, default=D_X.n_poisons, help="poisons = distinct images of y'")
+    x.add_argument("--n-poisons", type=POS_INT, default=D_X.n_poisons, help="poisons = distinct images of y'")
     craft_args(x)
     x.add_argument("--seed", type=int, default=D_X.seed)
     x.add_argument("--out", required=True, help="new folder for the poison set")
@@ -162,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
              "clip-poison train --data runs/world/train.csv --poisons runs/p_bd --out runs/victim")
     p.add_argument("--data", required=True, help="clean training CSV (filepath,title)")
     p.add_argument("--poisons", nargs="*", default=[], help="poison set folders to add (X' = X ∪ P)")
+    _add_outside_arg(p)
+    p.add_argument("--allow-shared-label", action="store_true",
+                   help="allow two poison sets with the same target label in one victim (it then measures neither alone)")
     _add_train_args(p)
     p.add_argument("--seed", type=int, default=D_R.seed)
     p.add_argument("--out", required=True, help="new checkpoint folder")
@@ -173,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-root", required=True, help="labelled eval set: CLIP_benchmark wds layout or an ImageFolder tree")
     p.add_argument("--split", default="test")
     p.add_argument("--poisons", nargs="*", default=[], help="poison sets whose attacks to measure")
-    p.add_argument("--max-n", type=int, default=None, help="evaluate the first N eval images only")
+    p.add_argument("--max-n", type=POS_INT, default=None, help="evaluate the first N eval images only")
     p.add_argument("--seed", type=int, default=0, help="seed of random trigger placement at test time")
     p.add_argument("--metrics", default=None,
                    help="comma list of zeroshot,probe,targeted,backdoor,zscore,fig3 (default: all but fig3; probe "
@@ -182,12 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="§4.2 linear probe training set: a labelled set (e.g. ../shared/data/cifar10-wds with "
                         "--probe-split train), or a synthetic world folder (renders --probe-n fresh labelled images)")
     p.add_argument("--probe-split", default="train", help="split of --probe-train")
-    p.add_argument("--probe-n", type=int, default=None,
+    p.add_argument("--probe-n", type=POS_INT, default=None,
                    help="probe training images (first N; synthetic worlds: how many to render, default 2000)")
     p.add_argument("--cache-dir", default=None, help="embedding cache folder (default: CHECKPOINT/embeddings)")
     p.add_argument("--no-cache", action="store_true", help="compute embeddings without reading or writing a cache")
-    p.add_argument("--fig3-max-pairs", type=int, default=1_000_000, help="pairs sampled for Figure 3 (0 = all)")
+    p.add_argument("--fig3-max-pairs", type=NONNEG_INT, default=1_000_000, help="pairs sampled for Figure 3 (0 = all)")
     p.add_argument("--out", default=None, help="write the result JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     p = _sub(subs, "sweep", "run a declarative, resumable sweep (a YAML spec or a preset) of poisoned and clean "
              "victims; finished runs in OUT/results are skipped",
@@ -221,6 +259,8 @@ def _quiet_libraries() -> None:
 
 
 def _train_cfg(a, seed: int) -> TrainConfig:
+    if a.crop_scale[0] > a.crop_scale[1]:
+        raise UserError(f"--crop-scale {a.crop_scale[0]:g} {a.crop_scale[1]:g} has LO > HI; pass LO <= HI, e.g. 0.9 1.0")
     return TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, wd=a.wd,
                        warmup=a.warmup, seed=seed, crop_scale=tuple(a.crop_scale), backend=a.backend,
                        workers=a.workers)
@@ -240,6 +280,9 @@ def cmd_demo(a) -> int:
     from .pipeline import run_demo
 
     console = Console()
+    check_out(a.out, [a.root, a.lexicon], a.overwrite)
+    if a.backdoor_poisons > a.n_train:  # the backdoor stamps distinct training images
+        raise UserError(f"--backdoor-poisons {a.backdoor_poisons} exceeds --n-train {a.n_train}; lower it or raise --n-train")
     cfg = DemoConfig(seed=a.seed)
     cfg.world.n_train = a.n_train
     real = None
@@ -268,22 +311,23 @@ def cmd_demo(a) -> int:
         s = run_demo(cfg, a.out, overwrite=a.overwrite, stage=stage, train_progress=train_progress,
                      real_world=real, eval_max_n=a.eval_max_n)
     at = s["attack"]
-    table = Table(title=f"clip-poison demo (seed {s['seed']}, {s['n_train_clean']} clean pairs, {s['seconds']:.0f} s)")
+    table = Table(title=f"clip-poison demo (seed {s['seed']}, {s['n_train_clean']} clean pairs, {s['seconds']:.0f} s): "
+                        "one victim per attack")
     table.add_column("metric")
-    table.add_column("clean", justify="right")
-    table.add_column("poisoned", justify="right")
+    for col in ("clean victim", "targeted victim", "backdoor victim"):
+        table.add_column(col, justify="right")
+    bd = at["backdoor"]
     rows = [
-        ("zero-shot accuracy", "zeroshot_accuracy", "{:.1%}"),
+        ("zero-shot accuracy", "zeroshot_accuracy", "{:.1%}", ("clean", "targeted", "backdoor")),
         (f"targeted ASR: x' (a {at['targeted']['x_prime_true_label']}) → {at['targeted']['target_label']!r}, "
-         f"{at['targeted']['n_poisons']} poisons", "targeted_asr", "{:.0%}"),
-        (f"backdoor ASR, {at['backdoor']['trigger']['patch_size']}px checkerboard upper-left → "
-         f"{at['backdoor']['target_label']!r}, {at['backdoor']['n_poisons']} poisons ({at['backdoor']['poison_rate']:.2%})",
-         "backdoor_asr", "{:.1%}"),
-        ("backdoor ASR, trigger at random positions", "backdoor_asr_random_placement", "{:.1%}"),
-        ("backdoor z-score (Definition 1)", "backdoor_z", "{:.2f}"),
+         f"{at['targeted']['n_poisons']} poisons", "targeted_asr", "{:.0%}", ("clean", "targeted")),
+        (f"backdoor ASR, {bd['trigger']['patch_size']}px checkerboard upper-left → {bd['target_label']!r}, "
+         f"{bd['n_poisons']} poisons ({bd['poison_rate']:.2%})", "backdoor_asr", "{:.1%}", ("clean", "backdoor")),
+        ("backdoor ASR, trigger at random positions", "backdoor_asr_random_placement", "{:.1%}", ("clean", "backdoor")),
+        ("backdoor z-score (Definition 1)", "backdoor_z", "{:.2f}", ("clean", "backdoor")),
     ]
-    for label, key, fmt in rows:
-        table.add_row(label, fmt.format(s["clean"][key]), fmt.format(s["poisoned"][key]))
+    for label, key, fmt, victims in rows:
+        table.add_row(label, *(fmt.format(s[v][key]) if v in victims else "–" for v in ("clean", "targeted", "backdoor")))
     console.print(table)
     console.print(f"summary: {Path(a.out) / 'summary.json'}   augmentation: crop scale {s['augmentation']['random_resized_crop_scale']}")
     return 0
@@ -304,6 +348,7 @@ def _real_world_cfg(a, n_train: int | None):
 def cmd_world(a) -> int:
     from .world import write_world
 
+    check_out(a.out, [a.root, a.lexicon], a.overwrite)
     if a.source != "synthetic":
         from .data.realworld import write_real_world
 
@@ -332,6 +377,8 @@ def cmd_poison(a) -> int:
     from .data.evalsets import load_wds_evalset
     from .victims.models import image_size
 
+    check_out(a.out, [a.data, getattr(a, "eval_root", None), getattr(a, "base_pool", None), a.caption_index],
+              a.overwrite)
     train = open_training_data(a.data, a.csv_img_key, a.csv_caption_key, a.csv_separator)
     opt = CraftOptions(mode=a.mode, format=a.format, synonyms=tuple(a.synonyms), allow_repeat=not a.no_repeat_captions,
                        caption_substitution=a.caption_substitution, filler_words=a.filler_words,
@@ -368,7 +415,8 @@ def cmd_train(a) -> int:
     with _progress() as prog:
         task = prog.add_task(f"training {a.model} ({a.backend})", total=None)
         info = train_victim(a.data, a.poisons, _train_cfg(a, a.seed), a.out, overwrite=a.overwrite,
-                            progress=lambda d, t: prog.update(task, completed=d, total=t))
+                            progress=lambda d, t: prog.update(task, completed=d, total=t),
+                            allow_shared_label=a.allow_shared_label)
     print(f"wrote checkpoint {a.out} ({info['data']['n_clean']} clean + {info['data']['n_poisons']} poison pairs, "
           f"{info['seconds']:.0f} s); load it with open_clip.create_model_and_transforms('local-dir:{a.out}')")
     return 0
@@ -381,6 +429,8 @@ def cmd_evaluate(a) -> int:
     from .data.evalsets import load_evalset, load_probe_train
     from .metrics.evaluate import evaluate_checkpoint, resolve_metrics
 
+    if a.out:
+        check_out(a.out, [a.checkpoint, a.eval_root, a.probe_train, a.cache_dir, *a.poisons], a.overwrite, file=True)
     manifests = [read_manifest(d) for d in a.poisons]
     probe_train = load_probe_train(a.probe_train, a.probe_split, a.probe_n) if a.probe_train else None
     resolve_metrics(a.metrics, probe_train)  # fail on a bad --metrics before loading anything big
@@ -491,14 +541,25 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"demo": cmd_demo, "world": cmd_world, "poison": cmd_poison, "train": cmd_train,
                 "evaluate": cmd_evaluate, "list": cmd_list,
                 "sweep": cmd_sweep, "report": cmd_report}
+    from .data.csvdata import ALLOW_OUTSIDE_PATHS
+
+    token = ALLOW_OUTSIDE_PATHS.set(getattr(args, "allow_outside_paths", False))
     try:
         return handlers[args.cmd](args)
     except UserError as e:
         print(f"clip-poison {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # permission denied, disk full, a vanished file: the system's words and the path
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"clip-poison {args.cmd}: error: {e.strerror or e}{where}; check that the path exists, that you may "
+              "read and write it and that its disk has free space, then run again (no partial output was kept)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    finally:
+        ALLOW_OUTSIDE_PATHS.reset(token)
 
 
 if __name__ == "__main__":

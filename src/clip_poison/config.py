@@ -31,6 +31,11 @@ class WorldConfig:
     p_off_colour: float = 0.15
 
 
+# Copies of x' are held in memory before writing: 10,000 at 224 px is 1.5 GB (at 32 px, 30 MB);
+# the paper uses 1..512.
+MAX_TARGETED_POISONS = 10_000
+
+
 @dataclass
 class TargetedConfig:
     """§3.1 targeted poisoning: one image x' paired with n_poisons captions about y'."""
@@ -111,8 +116,9 @@ class EvalConfig:
 
     # Evaluate on the first max_n eval images (None = the whole eval split).
     max_n: int | None = None
-    # Fit the §4.2 linear probe on this many labelled train-split photos of a real-photo world
-    # (0 = no probe beyond the targeted leave-one-out probe on the eval set).
+    # Fit the §4.2 linear probe on this many labelled images the eval set does not hold: train-split
+    # photos of a real-photo world (0 = no probe), or freshly rendered images of a synthetic world
+    # (0 = the default 2,000).
     probe_n: int = 0
 
 

@@ -20,6 +20,7 @@ Plots are declared in the spec's ``report.plots``::
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -262,13 +263,13 @@ def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str], axis_va
     """§4–5 statistics over seeds as markdown: 95 % t intervals of each headline number, how many
     seeds the attack worked in (ASR > 0.5; small-scale success is often bimodal, which a mean
     hides), and whether poisoned victims' clean accuracy is significantly lower than the clean
-    controls' (one-sided Welch test, as the paper's "none significantly lower")."""
-    from ..metrics.stats import compare_accuracy, summarize
+    controls' (one-sided paired t-test over seeds, as the paper's "none significantly lower")."""
+    from ..metrics.stats import compare_accuracy_paired, summarize
 
     lines = ["## Statistics over seeds", "",
              "95 % Student-t interval of the mean over seeds; `worked` = seeds with ASR > 0.5; accuracy "
-             "test: one-sided Welch t-test, H1: poisoned victims' zero-shot accuracy < the clean controls' "
-             "(same seeds, same non-attack axes).", ""]
+             "test: one-sided paired t-test over seeds (each poisoned victim minus the clean control with its "
+             "seed and non-attack axes; interval of the mean difference), H1: poisoned accuracy < clean.", ""]
     attack_axes = [a for a in axes if a.split(".")[0] in ("backdoor", "targeted")]
     other = [a for a in axes if a not in attack_axes]
     clean = df[df["clean"]].drop_duplicates("run_id")
@@ -289,10 +290,17 @@ def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str], axis_va
         for a in other:
             cs = cs[cs[a] == row[a]] if a in cs.columns else cs
         if not cs.empty and "zeroshot_accuracy" in g:
-            t = compare_accuracy(g["zeroshot_accuracy"].to_numpy(float), cs["zeroshot_accuracy"].to_numpy(float))
-            row["accuracy poisoned − clean"] = f"{t['mean_difference']:+.3f}"
-            row["p (lower)"] = "n/a" if t["note"] else f"{t['p_value']:.3f}"
-            row["significantly lower"] = "n/a" if t["note"] else ("yes" if t["significantly_lower"] else "no")
+            # Clean controls share the poisoned victims' seeds (same init, same clean order): pair by seed.
+            pairs = g[["seed", "zeroshot_accuracy"]].merge(cs[["seed", "zeroshot_accuracy"]], on="seed",
+                                                           suffixes=("_p", "_c"))
+            t = compare_accuracy_paired(pairs["zeroshot_accuracy_p"].to_numpy(float),
+                                        pairs["zeroshot_accuracy_c"].to_numpy(float)) if len(pairs) else None
+            ok = t is not None and not math.isnan(t["p_value"])
+            row["accuracy poisoned − clean [95 % CI]"] = (
+                "n/a" if t is None else f"{t['mean_difference']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}]"
+                if t["n_pairs"] > 1 else f"{t['mean_difference']:+.3f} (1 pair)")
+            row["p (lower, paired)"] = f"{t['p_value']:.3f}" if ok else "n/a"
+            row["significantly lower"] = ("yes" if t["significantly_lower"] else "no") if ok else "n/a"
         rows.append(row)
     if not rows:  # a clean-only sweep: intervals of the clean victims per point
         for key, g in clean.groupby(axes or ["clean"], dropna=False, sort=False):

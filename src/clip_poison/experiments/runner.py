@@ -106,36 +106,6 @@ def _craft(attack: str, acfg: dict, n_targets: int, seed: int, train, evalset, i
     return [out / "targeted"]
 
 
-def probe_available() -> bool:
-    try:
-        from ..metrics import probe  # noqa: F401  (written by another issue; optional)
-    except ImportError:
-        return False
-    return hasattr(probe, "fit_linear_probe")
-
-
-def _probe_targeted(ckpt: Path, evalset, manifests: list[dict], seed: int) -> dict:
-    """§4.2 linear-probe ASR when no labelled train split is at hand (synthetic worlds): a probe fit
-    on the victim's embeddings of the labelled eval images (x' left out) classifies x'; success
-    when it says y'."""
-    from ..metrics.embed import embed_images
-    from ..metrics.probe import fit_linear_probe
-    from ..victims.export import load_victim
-
-    model, preprocess, _ = load_victim(ckpt)
-    emb = embed_images(model, preprocess, evalset.images)
-    out = []
-    for m in manifests:
-        for tg in m.get("targets") or [m["target"]]:
-            i = int(tg["eval_index"])
-            keep = np.arange(len(evalset)) != i
-            probe = fit_linear_probe(emb[keep], evalset.labels[keep], seed)
-            pred = int(np.asarray(probe.predict(emb[i:i + 1]))[0])
-            out.append(pred == evalset.classnames.index(tg["label"]))
-    return {"available": True, "success": [bool(s) for s in out],
-            "targeted_success_rate": float(np.mean(out))}
-
-
 def _similarity(ckpt: Path, evalset, manifest: dict) -> dict:
     """Figure 3 data (§5.1): P(same zero-shot label) vs pair similarity, and the clean vs
     triggered (upper-left) pair-similarity histograms, on fixed bins so runs average."""
@@ -201,9 +171,10 @@ def execute_run(run: dict, sweep_dir: str | Path, keep_checkpoints: bool = False
         train = read_csv_dataset(world / "train.csv")
         ecfg = cfg.get("eval") or {}
         evalset = load_world_evalset(world, ecfg.get("max_n"))
-        # §4.2: the probe is fit on labelled train-split photos (real worlds; their source's labels).
-        probe_train = (load_probe_train(world, "train", int(ecfg["probe_n"]))
-                       if real and ecfg.get("probe_n") else None)
+        # §4.2: the probe is fit on labelled images the eval set does not contain: train-split photos
+        # for real worlds (when probe_n asks for them), freshly rendered ones for synthetic worlds.
+        probe_train = (None if real and not ecfg.get("probe_n")
+                       else load_probe_train(world, "train", int(ecfg["probe_n"]) if ecfg.get("probe_n") else None))
         size = image_size(cfg["train"]["model"])
         n_targets = int(cfg.get("n_targets", 1))
         if run["clean"]:
@@ -241,12 +212,6 @@ def execute_run(run: dict, sweep_dir: str | Path, keep_checkpoints: bool = False
             "train": {k: v for k, v in info.items() if k not in ("model_cfg", "recipe", "versions", "data")},
             "eval_seconds": ev_res["seconds"],
         })
-        if attack == "targeted" and probe_train is None:
-            result["probe"] = (_probe_targeted(work / "victim", evalset, manifests, cfg["seed"])
-                               if probe_available() else {"available": False,
-                                                         "reason": "clip_poison.metrics.probe not installed"})
-            if result["probe"].get("available"):
-                result["metrics"]["probe_targeted_success_rate"] = result["probe"]["targeted_success_rate"]
         if "similarity" in cfg.get("analyses", []) and attack == "backdoor":
             try:
                 result["similarity"] = _similarity(work / "victim", evalset, manifests[0])

@@ -98,3 +98,35 @@ def compare_accuracy(poisoned_values, clean_values, alpha: float = 0.05) -> dict
     out.update(t=float(one.statistic), df=float(one.df), p_value=float(one.pvalue),
                p_value_two_sided=float(two.pvalue), significantly_lower=bool(one.pvalue < alpha))
     return out
+
+
+def compare_accuracy_paired(poisoned_values, clean_values, ci: float = 0.95, alpha: float = 0.05) -> dict:
+    """§4.1 for victims that share seeds (same init, same clean data order): element i of both lists
+    is seed i. The per-seed differences d = poisoned − clean carry the comparison, so the test is a
+    one-sided paired t-test (H1: mean d < 0) with a Student-t interval of mean d — not Welch, which
+    would throw the pairing away and count seed-to-seed spread as noise.
+
+    Returns ``{"mean_difference", "std_difference", "ci_low", "ci_high", "ci", "t", "df", "p_value"
+    (one-sided), "p_value_two_sided", "alpha", "significantly_lower", "n_pairs", "note"}``.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha={alpha} must lie strictly between 0 and 1, e.g. 0.05")
+    p = _values(poisoned_values, "poisoned_values")
+    c = _values(clean_values, "clean_values")
+    if p.size != c.size:
+        raise ValueError(f"paired values need one clean value per poisoned value (got {p.size} and {c.size})")
+    d = p - c
+    s = summarize(d, ci=ci)
+    nan = float("nan")
+    out = {"mean_difference": s["mean"], "std_difference": s["std"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
+           "ci": float(ci), "t": nan, "df": nan, "p_value": nan, "p_value_two_sided": nan, "alpha": float(alpha),
+           "significantly_lower": False, "n_pairs": int(d.size), "note": s["note"]}
+    if d.size < 2 or not s["std"] > 1e-12:  # float noise in equal differences is no spread either
+        out["note"] = (f"a paired t-test needs at least 2 pairs with differences that vary (got {d.size} pair(s), "
+                       f"differences {d.round(4).tolist()}); no test was run")
+        return out
+    t = s["mean"] / (s["std"] / math.sqrt(d.size))
+    out.update(t=float(t), df=float(d.size - 1), p_value=float(_st.t.cdf(t, d.size - 1)),
+               p_value_two_sided=float(2 * _st.t.sf(abs(t), d.size - 1)))
+    out["significantly_lower"] = bool(out["p_value"] < alpha)
+    return out

@@ -3,8 +3,9 @@
 ``summarize_runs`` takes the ``evaluate_checkpoint`` results of k poisoned models and (optionally)
 k' clean models evaluated against the *same* manifests, and returns, as one plain dict:
 
-* zero-shot (and probe) accuracy: mean, std and 95% CI over models, and the one-sided Welch test
-  "poisoned lower than clean" (§4.1: "none ... statistically significantly lower");
+* zero-shot (and probe) accuracy: mean, std and 95% CI over models, and the one-sided test
+  "poisoned lower than clean" (§4.1: "none ... statistically significantly lower"): paired over
+  seeds when ``paired`` (poisoned[i] and clean[i] share seed i), else Welch;
 * targeted ASR: the fraction of (model, target) pairs with f(x') = y' (§4.2), beside the clean
   models' rate of calling the same x' y' — what chance alone gives;
 * backdoor ASR and z-score per trigger and placement: mean/std/CI over models, poisoned and clean.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import math
 
 from .asr import targeted_asr_over_runs
-from .stats import compare_accuracy, summarize
+from .stats import compare_accuracy, compare_accuracy_paired, summarize
 
 
 def _finite(values) -> list[float]:
@@ -76,7 +77,7 @@ def _backdoor_block(entries: list[dict], placement: str, ci: float) -> dict:
 
 
 def summarize_runs(poisoned: list[dict], clean: list[dict] | None = None, ci: float = 0.95,
-                   alpha: float = 0.05) -> dict:
+                   alpha: float = 0.05, paired: bool = False) -> dict:
     """Aggregate per-model evaluation results (see the module docstring). Values that are NaN for
     a model (e.g. an ASR with an empty denominator) are dropped and counted in ``n_dropped_nan``."""
     if not poisoned:
@@ -88,8 +89,10 @@ def summarize_runs(poisoned: list[dict], clean: list[dict] | None = None, ci: fl
         p, c = _finite(get(r) for r in poisoned), _finite(get(r) for r in clean)
         if not p and not c:
             continue
-        out[name] = {"poisoned": _summary(p, ci), "clean": _summary(c, ci),
-                     "poisoned_vs_clean": compare_accuracy(p, c, alpha) if p and c else None}
+        test = None
+        if p and c:
+            test = compare_accuracy_paired(p, c, ci, alpha) if paired else compare_accuracy(p, c, alpha)
+        out[name] = {"poisoned": _summary(p, ci), "clean": _summary(c, ci), "poisoned_vs_clean": test}
     for name, key in (("targeted", None), ("targeted_probe", "probe")):
         block = _targeted_block(poisoned, clean, key, ci)
         if block is not None:
