@@ -55,8 +55,8 @@ class BackdoorConfig:
     """§3.3 patch backdoor: n_poisons clean images with a trigger, captions mined for y'."""
 
     target_label: str = "tent"
-    # Paper: 300 of 3M (0.01 %). Tiny CPU victims need a far higher rate: 300 of the world's
-    # 10,000 pairs (3 %) by default; README "Findings" has the measured threshold.
+    # Paper: 300 poisons work from 50k to 3M pairs (Figure 5 left). Here 300 in the world's 10,000
+    # pairs backdoor the tiny victim on most seeds (4/5); README "Findings" has the counts measured.
     n_poisons: int = 300
     trigger: str = "checkerboard"
     # Paper: 16 px at 224 px. At 32 px we use 4 px (one ViT patch when aligned; see README).
