@@ -52,7 +52,8 @@ def compare(golden, got, path="", key="") -> float:
         assert isinstance(got, float) and math.isnan(got), f"{where}: NaN != {got}"
         return 0.0
     dev = abs(float(golden) - float(got))
-    tol = _tolerance(key) * (1 if isinstance(golden, float) or STRICT else max(1.0, abs(golden) * 0.05 / 0.05))
+    # A count a model decides may move by a few per hundred across CPUs.
+    tol = _tolerance(key) if isinstance(golden, float) or STRICT else max(2.0, 0.05 * abs(golden))
     assert dev <= tol, f"{where}: {golden} vs {got} (|Δ| {dev:.3g} > {tol})"
     return dev
 
