@@ -64,11 +64,11 @@ def _sweep_specs(photos: Path) -> dict[str, dict]:
 
 def golden_runs(tmp: Path, only: set[str] | None = None) -> dict[str, dict]:
     """Name → scrubbed result dict of every tiny run (``only``: a subset of the names)."""
-    from clip_poison.config import BackdoorConfig, DemoConfig, TargetedConfig, TrainConfig, WorldConfig
-    from clip_poison.data.realworld import RealWorldConfig
+    from clip_poison.config import (BackdoorConfig, DemoConfig, RealWorldConfig, TargetedConfig, TrainConfig,
+                                    WorldConfig, stable_id)
     from clip_poison.experiments.runner import execute_run
     from clip_poison.experiments.spec import expand, spec_from_dict
-    from clip_poison.pipeline import run_demo
+    from clip_poison.run import run_demo
 
     tmp = Path(tmp)
     photos = photo_source(tmp / "photos" / "wds")
@@ -98,6 +98,8 @@ def golden_runs(tmp: Path, only: set[str] | None = None) -> dict[str, dict]:
             res = execute_run(run, tmp / "sweeps" / name, write=False)
             assert res["status"] == "ok", res.get("traceback")
             out[key] = scrub(res, str(tmp))
+            if str(tmp) in json.dumps(run["config"]):  # a config naming a temporary folder: its id with TMP
+                out[key]["id"] = stable_id(out[key]["config"])
     return out
 
 
