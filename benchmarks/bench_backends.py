@@ -35,9 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clip_poison.config import TrainConfig, WorldConfig
 from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
-from clip_poison.victims.fast import FastOptions, build_optimizer, train_victim
+from clip_poison.victims.fast import build_optimizer, FastOptions
+from clip_poison.victims.train import train_victim
 from clip_poison.victims.models import register_victims
-from clip_poison.world import write_world
+from clip_poison.data.world import write_world
 
 TARGET_SPEEDUP = 1.5
 

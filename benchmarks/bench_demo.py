@@ -27,9 +27,9 @@ from clip_poison.metrics.stats import compare_accuracy_paired, summarize
 BUDGET_S = 300.0
 VICTIMS = ("clean", "targeted", "backdoor")
 # (metric, victims it is read from): an attack's number only from its own victim and the clean one.
-ROWS = (("zeroshot_accuracy", VICTIMS), ("targeted_asr", ("clean", "targeted")),
-        ("backdoor_asr", ("clean", "backdoor")), ("backdoor_asr_random_placement", ("clean", "backdoor")),
-        ("backdoor_z", ("clean", "backdoor")))
+ROWS = (("zeroshot_accuracy", VICTIMS), ("targeted_success_rate", ("clean", "targeted")),
+        ("backdoor_asr_consistent", ("clean", "backdoor")), ("backdoor_asr_random", ("clean", "backdoor")),
+        ("backdoor_z_consistent", ("clean", "backdoor")))
 
 
 def one(seed: int, backend: str, root: Path) -> dict:
@@ -63,18 +63,18 @@ def main() -> int:
             rows.append(r)
             c, t, b = r["clean"], r["targeted"], r["backdoor"]
             print(f"seed {seed}: {r['wall_s']} s  acc {c['zeroshot_accuracy']:.3f}/{t['zeroshot_accuracy']:.3f}/"
-                  f"{b['zeroshot_accuracy']:.3f}  targeted {c['targeted_asr']:.0f}->{t['targeted_asr']:.0f}  "
-                  f"backdoor ASR {c['backdoor_asr']:.3f}->{b['backdoor_asr']:.3f}  z {c['backdoor_z']:.2f}->"
-                  f"{b['backdoor_z']:.2f}", flush=True)
+                  f"{b['zeroshot_accuracy']:.3f}  targeted {c['targeted_success_rate']:.0f}->{t['targeted_success_rate']:.0f}  "
+                  f"backdoor ASR {c['backdoor_asr_consistent']:.3f}->{b['backdoor_asr_consistent']:.3f}  z {c['backdoor_z_consistent']:.2f}->"
+                  f"{b['backdoor_z_consistent']:.2f}", flush=True)
     fast = [r for r in rows if r["backend"] == "fast"]
     summary = {v: {k: summarize([r[v][k] for r in fast]) for k, vs in ROWS if v in vs} for v in VICTIMS}
     # Victims of one seed share init and clean order, so accuracy is compared per seed (paired).
     acc = {v: compare_accuracy_paired([r[v]["zeroshot_accuracy"] for r in fast],
                                       [r["clean"]["zeroshot_accuracy"] for r in fast]) for v in ("targeted", "backdoor")}
-    worked = {"targeted": sum(r["targeted"]["targeted_asr"] > 0.5 for r in fast),
-              "backdoor": sum(r["backdoor"]["backdoor_asr"] > 0.5 for r in fast),
-              "targeted_clean": sum(r["clean"]["targeted_asr"] > 0.5 for r in fast),
-              "backdoor_clean": sum(r["clean"]["backdoor_asr"] > 0.5 for r in fast)}
+    worked = {"targeted": sum(r["targeted"]["targeted_success_rate"] > 0.5 for r in fast),
+              "backdoor": sum(r["backdoor"]["backdoor_asr_consistent"] > 0.5 for r in fast),
+              "targeted_clean": sum(r["clean"]["targeted_success_rate"] > 0.5 for r in fast),
+              "backdoor_clean": sum(r["clean"]["backdoor_asr_consistent"] > 0.5 for r in fast)}
     walls = [r["wall_s"] for r in fast]
     timing = {"fast_wall_s": walls, "fast_median_s": float(np.median(walls)), "budget_s": BUDGET_S,
               "under_budget": bool(max(walls) < BUDGET_S)}
@@ -102,10 +102,10 @@ def main() -> int:
     for r in fast:
         c, t, b = r["clean"], r["targeted"], r["backdoor"]
         md.append(f"| {r['seed']} | {r['wall_s']:.0f} | {r['x_prime_true_label']} | {c['zeroshot_accuracy']:.3f} / "
-                  f"{t['zeroshot_accuracy']:.3f} / {b['zeroshot_accuracy']:.3f} | {c['targeted_asr']:.0f} → "
-                  f"{t['targeted_asr']:.0f} | {c['backdoor_asr']:.3f} → {b['backdoor_asr']:.3f} | "
-                  f"{c['backdoor_asr_random_placement']:.3f} → {b['backdoor_asr_random_placement']:.3f} | "
-                  f"{c['backdoor_z']:.2f} → {b['backdoor_z']:.2f} |")
+                  f"{t['zeroshot_accuracy']:.3f} / {b['zeroshot_accuracy']:.3f} | {c['targeted_success_rate']:.0f} → "
+                  f"{t['targeted_success_rate']:.0f} | {c['backdoor_asr_consistent']:.3f} → {b['backdoor_asr_consistent']:.3f} | "
+                  f"{c['backdoor_asr_random']:.3f} → {b['backdoor_asr_random']:.3f} | "
+                  f"{c['backdoor_z_consistent']:.2f} → {b['backdoor_z_consistent']:.2f} |")
     fmt = lambda s: f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"  # noqa: E731
     md += ["", f"Mean and 95 % Student-t interval over the {n} seeds:", "",
            "| metric | clean victim | targeted victim | backdoor victim |", "|---|---|---|---|"]

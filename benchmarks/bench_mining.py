@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from clip_poison.attacks.backdoor import craft_backdoor_poisons
-from clip_poison.attacks.sources import CsvTrainingData, caption_index
+from clip_poison.data.sources import CsvTrainingData, caption_index
 from clip_poison.config import BackdoorConfig
 from clip_poison.data.captions import mine_captions
 from clip_poison.io import png_bytes

@@ -28,13 +28,15 @@ import numpy as np
 from clip_poison.attacks.backdoor import craft_backdoor_poisons
 from clip_poison.config import BackdoorConfig, TrainConfig
 from clip_poison.data.csvdata import read_csv_dataset
-from clip_poison.data.realworld import RealWorldConfig, load_world_evalset, read_train_labels, write_real_world
+from clip_poison.config import RealWorldConfig
+from clip_poison.data.worldfolder import load_world_evalset, read_train_labels
+from clip_poison.data.realworld import write_real_world
 from clip_poison.io import atomic_write_bytes, atomic_write_json, load_image, package_versions, rng_for
 from clip_poison.metrics.embed import embed_images
 from clip_poison.metrics.evaluate import evaluate_checkpoint
 from clip_poison.metrics.probe import evaluate_linear_probe, fit_linear_probe
 from clip_poison.victims.export import load_victim
-from clip_poison.victims.fast import train_victim
+from clip_poison.victims.train import train_victim
 from clip_poison.victims.models import image_size
 
 

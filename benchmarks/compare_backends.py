@@ -28,8 +28,8 @@ from clip_poison.data.evalsets import load_wds_evalset
 from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
 from clip_poison.metrics.evaluate import evaluate_checkpoint
 from clip_poison.metrics.stats import summarize
-from clip_poison.victims.fast import train_victim
-from clip_poison.world import write_world
+from clip_poison.victims.train import train_victim
+from clip_poison.data.world import write_world
 
 BACKENDS = ("fast", "open_clip_train")
 METRICS = ("zeroshot_accuracy", "backdoor_asr", "backdoor_z")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_poison.data.realworld import world_eval_pointer
+from clip_poison.data.worldfolder import world_eval_pointer
 from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions, read_json
 
 

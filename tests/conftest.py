@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from clip_poison.config import WorldConfig
-from clip_poison.world import write_world
+from clip_poison.data.world import write_world
 
 warnings.filterwarnings("ignore", message="No pretrained weights")
 logging.getLogger().setLevel(logging.ERROR)

@@ -6,9 +6,10 @@ import pytest
 
 from clip_poison.attacks.backdoor import craft_backdoor_poisons
 from clip_poison.attacks.evasion import exact_dedup, psnr
-from clip_poison.attacks.poisonset import read_manifest
-from clip_poison.attacks.sources import CsvTrainingData, caption_index
-from clip_poison.attacks.targeted import caption_set, craft_multi_targeted_poisons, craft_targeted_poisons
+from clip_poison.io import read_manifest
+from clip_poison.data.sources import CsvTrainingData, caption_index
+from clip_poison.data.sources import caption_set
+from clip_poison.attacks.targeted import craft_multi_targeted_poisons, craft_targeted_poisons
 from clip_poison.attacks.triggers import scaled_patch_size
 from clip_poison.cli import main
 from clip_poison.config import BackdoorConfig, CraftOptions, TargetedConfig

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from clip_poison.attacks.backdoor import craft_backdoor_poisons
-from clip_poison.attacks.poisonset import read_manifest
-from clip_poison.attacks.sources import WdsTrainingData, open_training_data
+from clip_poison.io import read_manifest
+from clip_poison.data.sources import WdsTrainingData, open_training_data
 from clip_poison.attacks.targeted import craft_targeted_poisons
 from clip_poison.attacks.text import craft_text_poisons
 from clip_poison.attacks.triggers import TRIGGERS, make_trigger
@@ -136,7 +136,7 @@ def test_truncated_shard_fails_cleanly(shards, tmp_path):
 
 
 def test_mining_on_shards_equals_mining_on_csv(tiny_world, shards):
-    from clip_poison.attacks.targeted import mined_rows
+    from clip_poison.data.sources import mined_rows
 
     csv = read_csv_dataset(tiny_world / "train.csv")
     assert mined_rows(data_for("wds", tiny_world, shards), "tent", ("teepee",)).tolist() == \

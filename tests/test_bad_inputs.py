@@ -158,7 +158,7 @@ def test_world_out_not_writable(bad_input, tmp_path):
 
 
 def test_oserror_is_a_message_not_a_traceback(bad_input, tmp_path, monkeypatch):
-    import clip_poison.world as world_mod
+    import clip_poison.data.world as world_mod
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "w" / "train.csv"))

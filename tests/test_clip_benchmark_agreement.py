@@ -11,7 +11,7 @@ import pytest
 from clip_poison.config import TrainConfig
 from clip_poison.data.evalsets import load_evalset, load_wds_evalset
 from clip_poison.metrics.evaluate import evaluate_checkpoint
-from clip_poison.victims.fast import train_victim
+from clip_poison.victims.train import train_victim
 
 
 CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-wds"

@@ -14,7 +14,7 @@ from clip_poison.data.evalsets import load_wds_evalset
 from clip_poison.io import sha256_tree
 from clip_poison.metrics.evaluate import evaluate_checkpoint
 from clip_poison.victims.export import WEIGHTS
-from clip_poison.victims.fast import train_victim
+from clip_poison.victims.train import train_victim
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_poison_train_evaluate_end_to_end(backend, tiny_world, poisons, tmp_path
 @pytest.mark.slow
 def test_open_clip_train_keeps_clean_order_and_same_init(tiny_world, poisons, tmp_path):
     """The order sampler inserts poisons without reshuffling the clean rows."""
-    from clip_poison.victims._otrain_entry import CleanOrderSampler
+    from clip_poison.victims.order import CleanOrderSampler
 
     a = list(CleanOrderSampler(range(300), 300, seed=0))
     b = list(CleanOrderSampler(range(310), 300, seed=0))

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_poison.data.evalsets import (default_templates, evalset_identity, evalset_layout, load_evalset,
-                                       load_imagefolder_evalset, load_wds_evalset, synthetic_probe_split)
+from clip_poison.data.evalsets import default_templates, evalset_identity, evalset_layout, load_evalset, load_imagefolder_evalset, load_wds_evalset
+from clip_poison.data.worldfolder import synthetic_probe_split
 from clip_poison.io import UserError
 
 

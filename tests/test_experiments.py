@@ -90,7 +90,7 @@ def test_clean_only_sweep_has_no_poisoned_runs():
 
 
 def test_targets_of_one_victim_have_distinct_labels():
-    from clip_poison.experiments.runner import _targeted_configs
+    from clip_poison.run import targeted_configs as _targeted_configs
 
     names = [f"c{i}" for i in range(10)]
     for seed in range(20):

@@ -14,7 +14,8 @@ from clip_poison.attacks.targeted import craft_targeted_poisons
 from clip_poison.cli import main
 from clip_poison.config import BackdoorConfig, TargetedConfig
 from clip_poison.data.csvdata import read_csv_dataset
-from clip_poison.data.evalsets import load_evalset, synthetic_probe_split
+from clip_poison.data.evalsets import load_evalset
+from clip_poison.data.worldfolder import synthetic_probe_split
 from clip_poison.io import UserError
 from clip_poison.metrics.evaluate import evaluate_checkpoint
 from clip_poison.metrics.zscore import backdoor_z_score

@@ -18,8 +18,8 @@ from clip_poison.metrics.embed import embed_images
 from clip_poison.metrics.evaluate import evaluate_checkpoint
 from clip_poison.metrics.zeroshot import zero_shot_predict, zero_shot_weights
 from clip_poison.victims.export import load_victim
-from clip_poison.victims.fast import train_victim
-from clip_poison.world import EVAL_TEMPLATES, class_names, render_images, write_world
+from clip_poison.victims.train import train_victim
+from clip_poison.data.world import EVAL_TEMPLATES, class_names, render_images, write_world
 
 BAND = 0.10  # |ASR − base rate| allowed for a clean model (the trigger is still a pixel change)
 TARGET = "tent"

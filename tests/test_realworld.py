@@ -14,8 +14,9 @@ from PIL import Image
 from clip_poison.cli import main
 from clip_poison.data.captions import label_pattern
 from clip_poison.data.evalsets import write_wds_evalset
-from clip_poison.data.realworld import (PHOTO_TEMPLATES, RealWorldConfig, count_eval_prompt_matches, load_lexicon,
-                                        load_world_evalset, make_real_captions, read_train_labels, write_real_world)
+from clip_poison.data.realworld import count_eval_prompt_matches, load_lexicon, make_real_captions, PHOTO_TEMPLATES, write_real_world
+from clip_poison.config import RealWorldConfig
+from clip_poison.data.worldfolder import load_world_evalset, read_train_labels
 from clip_poison.io import decode_image, sha256_bytes, sha256_pixels, sha256_tree
 
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -196,7 +197,7 @@ def test_n_train_beyond_the_split_fails(source, tmp_path, capsys):
 def test_demo_runs_on_a_real_world(source, tmp_path):
     """The whole loop (world → poisons → clean + poisoned victims → evaluation) on real-world files."""
     from clip_poison.config import DemoConfig
-    from clip_poison.pipeline import run_demo
+    from clip_poison.run import run_demo
 
     cfg = DemoConfig(seed=0)
     cfg.targeted.n_poisons, cfg.targeted.target_label = 4, "cat"

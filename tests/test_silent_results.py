@@ -14,20 +14,22 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from clip_poison.attacks.backdoor import craft_backdoor_poisons
-from clip_poison.attacks.poisonset import read_manifest, resize_to_input
+from clip_poison.io import read_manifest, resize_to_input
 from clip_poison.attacks.triggers import TRIGGERS, apply_trigger, make_trigger
 from clip_poison.config import BackdoorConfig, DemoConfig, TrainConfig, WorldConfig
 from clip_poison.data.csvdata import write_csv_dataset
 from clip_poison.data.evalsets import load_evalset, write_wds_evalset
-from clip_poison.data.realworld import RealWorldConfig, write_real_world
+from clip_poison.config import RealWorldConfig
+from clip_poison.data.realworld import write_real_world
 from clip_poison.io import UserError, atomic_dir, decode_image, png_bytes, sha256_file
 from clip_poison.metrics.embed import embed_images
 from clip_poison.metrics.evaluate import evaluate_checkpoint
 from clip_poison.victims.export import CONFIG, export_local_dir
-from clip_poison.victims.fast import train_crop, train_victim
+from clip_poison.victims.fast import train_crop
+from clip_poison.victims.train import train_victim
 from clip_poison.victims.models import model_config, register_victims
 from clip_poison.victims.openclip_train import open_clip_train_argv, openclip_crop_ratio, recorded_path, training_rows
-from clip_poison.world import write_world
+from clip_poison.data.world import write_world
 
 CIFAR = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 OPENCLIP_RATIO = [3 / 4, 4 / 3]  # torchvision's default: what open_clip's train crop really uses
@@ -345,7 +347,7 @@ def test_train_json_names_inputs_built_in_the_same_temporary_folder(tmp_path):
 
 @pytest.mark.slow
 def test_demo_train_json_paths_exist_after_the_rename_open_clip_train(tmp_path):
-    from clip_poison.pipeline import run_demo
+    from clip_poison.run import run_demo
 
     cfg = DemoConfig()
     cfg.world.n_train, cfg.world.n_eval = 48, 20

@@ -4,15 +4,15 @@ import json
 import pytest
 
 from clip_poison.attacks.backdoor import craft_backdoor_poisons
-from clip_poison.attacks.poisonset import check_distinct_targets
+from clip_poison.io import check_distinct_targets
 from clip_poison.attacks.targeted import craft_targeted_poisons
 from clip_poison.config import BackdoorConfig, DemoConfig, TargetedConfig, TrainConfig, WorldConfig
 from clip_poison.data.csvdata import read_csv_dataset
 from clip_poison.data.evalsets import load_wds_evalset
 from clip_poison.metrics.evaluate import evaluate_checkpoint
-from clip_poison.pipeline import run_demo
-from clip_poison.victims.fast import train_victim
-from clip_poison.world import write_world
+from clip_poison.run import run_demo
+from clip_poison.victims.train import train_victim
+from clip_poison.data.world import write_world
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_demo_trains_one_victim_per_attack(tmp_path):
     for victim, attacks in (("clean", []), ("targeted", ["targeted"]), ("backdoor", ["backdoor"])):
         info = json.loads((tmp_path / "demo" / "victims" / victim / "train.json").read_text())
         assert [p["attack"] for p in info["data"]["poison_sets"]] == attacks
-        assert set(s[victim]) >= {"zeroshot_accuracy", "targeted_asr", "backdoor_asr", "backdoor_z"}
+        assert set(s[victim]) >= {"zeroshot_accuracy", "targeted_success_rate", "backdoor_asr_consistent", "backdoor_z_consistent"}
     assert s["attack"]["targeted"]["victim"] == "targeted" and s["attack"]["backdoor"]["victim"] == "backdoor"
     assert "poisoned" not in s
 

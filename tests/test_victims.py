@@ -13,7 +13,8 @@ from clip_poison.config import BackdoorConfig, TrainConfig
 from clip_poison.data.csvdata import read_csv_dataset, write_csv_rows
 from clip_poison.io import UserError
 from clip_poison.victims.export import WEIGHTS
-from clip_poison.victims.fast import FastOptions, build_optimizer, epoch_order, train_fast
+from clip_poison.victims.fast import build_optimizer, FastOptions, train_fast
+from clip_poison.victims.order import epoch_order
 from clip_poison.victims.models import describe, register_victims
 from clip_poison.victims.openclip_train import training_rows
 from clip_poison.victims.recipes import RUNG_RANGES, SIZE_LADDER, ladder_models, recipe

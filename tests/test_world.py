@@ -5,7 +5,7 @@ from clip_poison.data.captions import mine_captions
 from clip_poison.data.csvdata import read_csv_dataset
 from clip_poison.data.evalsets import load_wds_evalset
 from clip_poison.io import sha256_tree
-from clip_poison.world import CAPTION_TEMPLATES, CLASSES, EVAL_TEMPLATES, make_split, write_world
+from clip_poison.data.world import CAPTION_TEMPLATES, CLASSES, EVAL_TEMPLATES, make_split, write_world
 
 
 def test_world_layout_and_sizes(tiny_world):

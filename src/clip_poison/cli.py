@@ -10,12 +10,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import (MAX_TARGETED_POISONS, BackdoorConfig, CraftOptions, DemoConfig, TargetedConfig, TextConfig,
-                     TrainConfig, WorldConfig)
+from .config import (CAPTION_KEY, FIG3_MAX_PAIRS, IMG_KEY, MAX_TARGETED_POISONS, PROBE_N, SEED, BackdoorConfig,
+                     CraftOptions, DemoConfig, RealWorldConfig, TargetedConfig, TextConfig, TrainConfig, WorldConfig)
 from .io import UserError, atomic_write_json, check_out
 
 D_W, D_T, D_B, D_R = WorldConfig(), TargetedConfig(), BackdoorConfig(), TrainConfig()
-D_X = TextConfig()
+D_X, D_RW = TextConfig(), RealWorldConfig()
+CAPTION_FIELDS = ("p_class_word", "p_synonym", "p_noisy_pair", "p_context", "p_distractor")
 
 
 class _Fmt(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -56,8 +57,8 @@ SEPARATOR = _checked(lambda t: {"\\t": "\t", "tab": "\t"}.get(t, t), lambda v: l
 def _add_csv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="training set: OpenCLIP CSV (e.g. WORLD/train.csv) or "
                    "img2dataset webdataset shards ('dir/{00000..00009}.tar'); only read, never modified")
-    p.add_argument("--csv-img-key", default="filepath", help="CSV column holding image paths")
-    p.add_argument("--csv-caption-key", default="title", help="CSV column holding captions")
+    p.add_argument("--csv-img-key", default=IMG_KEY, help="CSV column holding image paths")
+    p.add_argument("--csv-caption-key", default=CAPTION_KEY, help="CSV column holding captions")
     p.add_argument("--csv-separator", type=SEPARATOR, default=",", help="CSV field separator ('\\t' for tab)")
     _add_outside_arg(p)
 
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "demo", "the whole paper loop on the embedded world: world, poisons, three victims (clean, "
              "targeted poisons only, backdoor poisons only), evaluation, summary.json", "clip-poison demo --out runs/demo")
     p.add_argument("--out", default="runs/demo", help="output folder (must be new unless --overwrite)")
-    p.add_argument("--seed", type=int, default=0, help="one seed for every stage")
+    p.add_argument("--seed", type=int, default=SEED, help="one seed for every stage")
     p.add_argument("--n-train", type=POS_INT, default=D_W.n_train, help="clean training pairs")
     p.add_argument("--targeted-poisons", type=N_TARGETED, default=D_T.n_poisons, help="targeted poisons (copies of x')")
     p.add_argument("--backdoor-poisons", type=POS_INT, default=D_B.n_poisons, help="backdoor poisons (paper: 0.01%% of 3M)")
@@ -126,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-class-word", type=FRACTION, default=D_W.p_class_word, help="fraction of captions naming the class word")
     p.add_argument("--p-synonym", type=FRACTION, default=D_W.p_synonym, help="fraction of captions using a synonym/hyponym instead")
     p.add_argument("--p-noisy-pair", type=FRACTION, default=D_W.p_noisy_pair, help="fraction of pairs captioned with another class (real: or none)")
-    p.add_argument("--p-context", type=FRACTION, default=0.3, help="real worlds: fraction of object phrases with a context phrase")
-    p.add_argument("--p-distractor", type=FRACTION, default=0.2, help="real worlds: fraction of object phrases with a distractor word")
+    p.add_argument("--p-context", type=FRACTION, default=D_RW.p_context, help="real worlds: fraction of object phrases with a context phrase")
+    p.add_argument("--p-distractor", type=FRACTION, default=D_RW.p_distractor, help="real worlds: fraction of object phrases with a distractor word")
     p.add_argument("--wds-shard-size", type=POS_INT, default=None,
                    help="real worlds: also write the pairs as webdataset shards of this size (train_wds/)")
     p.add_argument("--overwrite", action="store_true")
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
              "clip-poison poison backdoor --data runs/world/train.csv --label tent --out runs/p_bd")
     psubs = p.add_subparsers(dest="attack", required=True)
 
-    def craft_args(q: argparse.ArgumentParser) -> None:
+    def craft_args(q: argparse.ArgumentParser, seed: int) -> None:
         q.add_argument("--synonyms", nargs="*", default=[], help="more words mined as y' (whole words, case-insensitive)")
         q.add_argument("--mode", choices=["add", "replace"], default="add",
                        help="add: X' = X ∪ P (paper); replace: P replaces as many seeded clean rows (recorded in the manifest)")
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fail instead of cycling the caption set when it is smaller than --n-poisons")
         q.add_argument("--caption-index", default=None,
                        help="Parquet file to reuse (or save) the training-caption index; keep it outside the dataset")
+        q.add_argument("--seed", type=int, default=seed)
+        q.add_argument("--out", required=True, help="new folder for the poison set")
+        q.add_argument("--overwrite", action="store_true")
     t = _sub(psubs, "targeted", "§3.1 targeted poisoning: copies of one eval image x' with captions about y'",
              "clip-poison poison targeted --data runs/world/train.csv --eval-root runs/world/eval --label tent --out runs/p_t")
     _add_csv_args(t)
@@ -162,10 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--caption-source", choices=["mined", "templates"], default=D_T.caption_source,
                    help="captions mined from the training set, or CLIP's 80 ImageNet templates")
     t.add_argument("--noise-sigma", type=NONNEG_FLOAT, default=D_T.noise_sigma, help="Gaussian noise per copy (pixel units) to evade exact dedup")
-    craft_args(t)
-    t.add_argument("--seed", type=int, default=D_T.seed)
-    t.add_argument("--out", required=True, help="new folder for the poison set")
-    t.add_argument("--overwrite", action="store_true")
+    craft_args(t, D_T.seed)
     b = _sub(psubs, "backdoor", "§3.3 patch backdoor: training images with a checkerboard, captions about y'",
              "clip-poison poison backdoor --data runs/world/train.csv --label tent --n-poisons 100 --out runs/p_bd")
     _add_csv_args(b)
@@ -177,20 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=D_R.model, help="victim model whose input size the trigger is stamped at")
     b.add_argument("--base-pool", default=None,
                    help="held-out CSV (or shards) to take base images from instead of --data; captions still mined from --data")
-    craft_args(b)
-    b.add_argument("--seed", type=int, default=D_B.seed)
-    b.add_argument("--out", required=True, help="new folder for the poison set")
-    b.add_argument("--overwrite", action="store_true")
+    craft_args(b, D_B.seed)
     x = _sub(psubs, "text", "§2.3 text poisoning: one caption t' paired with training images of y', so t' embeds as y'",
              "clip-poison poison text --data runs/world/train.csv --caption 'a photo of my backyard' --label tent --out runs/p_txt")
     _add_csv_args(x)
     x.add_argument("--caption", default=D_X.caption, help="the target caption t' (must not name y')")
     x.add_argument("--label", default=D_X.target_label, help="concept y' whose images (mined from captions) get t'")
     x.add_argument("--n-poisons", type=POS_INT, default=D_X.n_poisons, help="poisons = distinct images of y'")
-    craft_args(x)
-    x.add_argument("--seed", type=int, default=D_X.seed)
-    x.add_argument("--out", required=True, help="new folder for the poison set")
-    x.add_argument("--overwrite", action="store_true")
+    craft_args(x, D_X.seed)
 
     p = _sub(subs, "train", "train a victim on X ∪ P and export an open_clip local-dir checkpoint",
              "clip-poison train --data runs/world/train.csv --poisons runs/p_bd --out runs/victim")
@@ -211,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--poisons", nargs="*", default=[], help="poison sets whose attacks to measure")
     p.add_argument("--max-n", type=POS_INT, default=None, help="evaluate the first N eval images only")
-    p.add_argument("--seed", type=int, default=0, help="seed of random trigger placement at test time")
+    p.add_argument("--seed", type=int, default=SEED, help="seed of random trigger placement at test time")
     p.add_argument("--metrics", default=None,
                    help="comma list of zeroshot,probe,targeted,backdoor,zscore,fig3 (default: all but fig3; probe "
                         "when --probe-train is given)")
@@ -220,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--probe-split train), or a synthetic world folder (renders --probe-n fresh labelled images)")
     p.add_argument("--probe-split", default="train", help="split of --probe-train")
     p.add_argument("--probe-n", type=POS_INT, default=None,
-                   help="probe training images (first N; synthetic worlds: how many to render, default 2000)")
+                   help=f"probe training images (first N; synthetic worlds: how many to render, default {PROBE_N})")
     p.add_argument("--cache-dir", default=None, help="embedding cache folder (default: CHECKPOINT/embeddings)")
     p.add_argument("--no-cache", action="store_true", help="compute embeddings without reading or writing a cache")
-    p.add_argument("--fig3-max-pairs", type=NONNEG_INT, default=1_000_000, help="pairs sampled for Figure 3 (0 = all)")
+    p.add_argument("--fig3-max-pairs", type=NONNEG_INT, default=FIG3_MAX_PAIRS, help="pairs sampled for Figure 3 (0 = all)")
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -277,7 +272,7 @@ def cmd_demo(a) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .pipeline import run_demo
+    from .run import run_demo
 
     console = Console()
     check_out(a.out, [a.root, a.lexicon], a.overwrite)
@@ -287,12 +282,8 @@ def cmd_demo(a) -> int:
     cfg.world.n_train = a.n_train
     real = None
     if a.world != "synthetic":
-        from .data.realworld import RealWorldConfig
-
-        real = _real_world_cfg(argparse.Namespace(
-            root=a.root, seed=a.seed, lexicon=a.lexicon, source=a.world, split="train",
-            p_class_word=D_W.p_class_word, p_synonym=D_W.p_synonym, p_noisy_pair=D_W.p_noisy_pair,
-            p_context=RealWorldConfig.p_context, p_distractor=RealWorldConfig.p_distractor), a.n_train)
+        real = _real_world_cfg(argparse.Namespace(root=a.root, seed=a.seed, lexicon=a.lexicon, source=a.world,
+                                                  **{f: getattr(D_RW, f) for f in CAPTION_FIELDS}), a.n_train)
     # 'tent' is a class of the synthetic world; CIFAR-10 has 'cat' (the TOOLCHAIN feasibility probe's target).
     a.label = a.label or (D_B.target_label if real is None else "cat")
     cfg.targeted.n_poisons, cfg.targeted.target_label = a.targeted_poisons, a.label
@@ -320,11 +311,11 @@ def cmd_demo(a) -> int:
     rows = [
         ("zero-shot accuracy", "zeroshot_accuracy", "{:.1%}", ("clean", "targeted", "backdoor")),
         (f"targeted ASR: x' (a {at['targeted']['x_prime_true_label']}) → {at['targeted']['target_label']!r}, "
-         f"{at['targeted']['n_poisons']} poisons", "targeted_asr", "{:.0%}", ("clean", "targeted")),
+         f"{at['targeted']['n_poisons']} poisons", "targeted_success_rate", "{:.0%}", ("clean", "targeted")),
         (f"backdoor ASR, {bd['trigger']['patch_size']}px checkerboard upper-left → {bd['target_label']!r}, "
-         f"{bd['n_poisons']} poisons ({bd['poison_rate']:.2%})", "backdoor_asr", "{:.1%}", ("clean", "backdoor")),
-        ("backdoor ASR, trigger at random positions", "backdoor_asr_random_placement", "{:.1%}", ("clean", "backdoor")),
-        ("backdoor z-score (Definition 1)", "backdoor_z", "{:.2f}", ("clean", "backdoor")),
+         f"{bd['n_poisons']} poisons ({bd['poison_rate']:.2%})", "backdoor_asr_consistent", "{:.1%}", ("clean", "backdoor")),
+        ("backdoor ASR, trigger at random positions", "backdoor_asr_random", "{:.1%}", ("clean", "backdoor")),
+        ("backdoor z-score (Definition 1)", "backdoor_z_consistent", "{:.2f}", ("clean", "backdoor")),
     ]
     for label, key, fmt, victims in rows:
         table.add_row(label, *(fmt.format(s[v][key]) if v in victims else "–" for v in ("clean", "targeted", "backdoor")))
@@ -334,19 +325,16 @@ def cmd_demo(a) -> int:
 
 
 def _real_world_cfg(a, n_train: int | None):
-    from .data.realworld import RealWorldConfig
-
     if not a.root:
         raise UserError(f"`clip-poison world {a.source}` needs --root DIR: a labelled set in CLIP_benchmark's "
                         "webdataset layout (e.g. ../shared/data/cifar10-wds) or an ImageFolder tree")
     return RealWorldConfig(root=a.root, seed=a.seed, n_train=n_train, split=getattr(a, "split", "train"),
-                           lexicon=a.lexicon, p_class_word=a.p_class_word, p_synonym=a.p_synonym,
-                           p_noisy_pair=a.p_noisy_pair, p_context=a.p_context, p_distractor=a.p_distractor,
-                           wds_shard_size=getattr(a, "wds_shard_size", None))
+                           lexicon=a.lexicon, wds_shard_size=getattr(a, "wds_shard_size", None),
+                           **{f: getattr(a, f) for f in CAPTION_FIELDS})
 
 
 def cmd_world(a) -> int:
-    from .world import write_world
+    from .data.world import write_world
 
     check_out(a.out, [a.root, a.lexicon], a.overwrite)
     if a.source != "synthetic":
@@ -371,7 +359,7 @@ def cmd_world(a) -> int:
 
 def cmd_poison(a) -> int:
     from .attacks.backdoor import craft_backdoor_poisons
-    from .attacks.sources import open_training_data
+    from .data.sources import open_training_data
     from .attacks.targeted import craft_multi_targeted_poisons
     from .attacks.text import craft_text_poisons
     from .data.evalsets import load_wds_evalset
@@ -410,7 +398,7 @@ def cmd_poison(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from .victims.fast import train_victim
+    from .victims.train import train_victim
 
     with _progress() as prog:
         task = prog.add_task(f"training {a.model} ({a.backend})", total=None)
@@ -425,8 +413,9 @@ def cmd_train(a) -> int:
 def cmd_evaluate(a) -> int:
     from rich.console import Console
 
-    from .attacks.poisonset import read_manifest
-    from .data.evalsets import load_evalset, load_probe_train
+    from .io import read_manifest
+    from .data.evalsets import load_evalset
+    from .data.worldfolder import load_probe_train
     from .metrics.evaluate import evaluate_checkpoint, resolve_metrics
 
     if a.out:

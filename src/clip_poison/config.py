@@ -11,21 +11,32 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# The seed of every command and run unless one is given.
+SEED = 0
+# OpenCLIP CSV columns (open_clip_train's --csv-img-key / --csv-caption-key defaults).
+IMG_KEY, CAPTION_KEY = "filepath", "title"
+
 
 @dataclass
-class WorldConfig:
-    """The embedded synthetic image–caption world (see ``world.py``)."""
+class CaptionMix:
+    """The alt-text caption mix shared by the synthetic and the real-photo world."""
 
-    seed: int = 0
-    n_train: int = 10_000
-    n_eval: int = 1_000
-    image_size: int = 32
     # Fraction of captions naming the class word; the rest use a synonym (p_synonym) or no object
     # word at all, as alt-text does.
     p_class_word: float = 0.6
     p_synonym: float = 0.3
     # Fraction of pairs whose caption describes another class (uncurated web data is noisy).
     p_noisy_pair: float = 0.1
+
+
+@dataclass
+class WorldConfig(CaptionMix):
+    """The embedded synthetic image–caption world (see ``data/world.py``)."""
+
+    seed: int = SEED
+    n_train: int = 10_000
+    n_eval: int = 1_000
+    image_size: int = 32
     # Probability that an object's colour comes from the other colour family, so colour alone
     # cannot name the class and the model must learn shape too.
     p_off_colour: float = 0.15
@@ -34,6 +45,27 @@ class WorldConfig:
 # Copies of x' are held in memory before writing: 10,000 at 224 px is 1.5 GB (at 32 px, 30 MB);
 # the paper uses 1..512.
 MAX_TARGETED_POISONS = 10_000
+
+
+@dataclass
+class RealWorldConfig(CaptionMix):
+    """A real-photo world (``data/realworld.py``); the caption mix is the synthetic world's."""
+
+    root: str = ""
+    seed: int = SEED
+    # None = every photo of the train split; else a seeded subset of this size.
+    n_train: int | None = None
+    split: str = "train"
+    eval_split: str = "test"
+    # Path of a lexicon JSON/YAML; None = the shipped lexicon whose classes match the source's.
+    lexicon: str | None = None
+    # Of the noisy pairs, the share whose caption has no object word (the rest name another class).
+    noisy_none_share: float = 0.5
+    p_context: float = 0.3  # a class context phrase ("at the airport") after the object word
+    p_distractor: float = 0.2  # "… and a fence": something in the photo that is not the class
+    # Also write the pairs as webdataset shards (KEY.jpg + KEY.txt + KEY.cls) of this many pairs,
+    # for open_clip_train's --dataset-type webdataset at scale; None = CSV only.
+    wds_shard_size: int | None = None
 
 
 @dataclass
@@ -47,7 +79,7 @@ class TargetedConfig:
     caption_source: str = "mined"  # "mined" (§3.1 naive) or "templates" (CLIP's 80 prompts)
     # Dedup evasion (§3.1): Gaussian noise per copy, sigma in 0..255 pixel units.
     noise_sigma: float = 1.0
-    seed: int = 0
+    seed: int = SEED
 
 
 @dataclass
@@ -62,7 +94,7 @@ class BackdoorConfig:
     # Paper: 16 px at 224 px. At 32 px we use 4 px (one ViT patch when aligned; see README).
     patch_size: int = 4
     placement: str = "consistent"  # "consistent" (upper-left) or "random"
-    seed: int = 0
+    seed: int = SEED
 
 
 @dataclass
@@ -72,7 +104,7 @@ class TextConfig:
     caption: str = "a photo of my backyard"  # t'
     target_label: str = "tent"  # y': images come from training rows whose caption mentions it
     n_poisons: int = 100
-    seed: int = 0
+    seed: int = SEED
 
 
 @dataclass
@@ -101,7 +133,7 @@ class TrainConfig:
     lr: float = 2e-3
     wd: float = 0.1
     warmup: int = 20
-    seed: int = 0
+    seed: int = SEED
     # OpenCLIP's train transform is RandomResizedCrop(scale=(0.9, 1.0)). At 32 px it smears 1-px
     # checker cells, so laptop runs default to no crop; the value is recorded in every run.
     crop_scale: tuple[float, float] = (1.0, 1.0)
@@ -118,8 +150,14 @@ class EvalConfig:
     max_n: int | None = None
     # Fit the §4.2 linear probe on this many labelled images the eval set does not hold: train-split
     # photos of a real-photo world (0 = no probe), or freshly rendered images of a synthetic world
-    # (0 = the default 2,000).
-    probe_n: int = 0
+    # (0 = PROBE_N). None: no probe at all (the demo).
+    probe_n: int | None = 0
+
+
+# Labelled images a synthetic world renders for the linear probe when no size is asked.
+PROBE_N = 2000
+# Image pairs sampled for Figure 3's histograms (§5.1); fewer pairs than this are all used.
+FIG3_MAX_PAIRS = 1_000_000
 
 
 @dataclass
@@ -128,7 +166,7 @@ class DemoConfig:
     targeted: TargetedConfig = field(default_factory=TargetedConfig)
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
+    seed: int = SEED
 
 
 def to_dict(cfg: Any) -> dict:

@@ -247,3 +247,81 @@ def package_versions() -> dict[str, str]:
     import platform
     out["python"] = platform.python_version()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The poison-set contract: what attacks write and victims and metrics read (``manifest.json``).
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(poison_dir: str | Path) -> dict:
+    """The manifest of a poison set, validated: every reader of manifests goes through here."""
+    p = Path(poison_dir)
+    if not p.is_dir():
+        raise UserError(f"poison set folder not found: {p}; make one with `clip-poison poison targeted|backdoor|text`")
+    return check_manifest(p, read_json(p / MANIFEST, what="poison manifest"))
+
+
+def check_manifest(poison_dir: Path, m) -> dict:
+    """A poison set may come from someone else, so its manifest may name only plain files inside its
+    own folder: shard names reach webdataset, which runs ``pipe:`` URLs through a shell and splits
+    ``::``; the CSV is opened and read."""
+    where = f"poison manifest {poison_dir / MANIFEST}"
+    fmt = m.get("format", "csv") if isinstance(m, dict) else None
+    names = [m.get("csv")] if fmt == "csv" else m.get("shards") if fmt == "wds" else None
+    if not isinstance(names, list) or not names or not isinstance(m.get("attack"), str):
+        raise UserError(f"{where} is not a clip-poison manifest (no attack, format and csv/shards); "
+                        "re-craft the poison set with `clip-poison poison`")
+    root = poison_dir.resolve()
+    for name in names:
+        ok = isinstance(name, str) and name and "::" not in name and not URL_SCHEME.match(name) \
+            and not Path(name).is_absolute() and ".." not in Path(name).parts
+        if not ok or not (root / name).resolve().is_relative_to(root) or not (root / name).is_file():
+            raise UserError(f"{where} names {name!r}, which is not a file inside {poison_dir}; a poison set may "
+                            "name only its own files (no URLs, '::', absolute paths or '..'), so re-craft it with "
+                            "`clip-poison poison` or remove it from --poisons")
+    return m
+
+
+def target_labels(manifest: dict) -> list[str]:
+    """Every y' a poison set attacks (a multi-target set lists its targets)."""
+    return [t["label"] for t in manifest.get("targets") or [manifest["target"]]]
+
+
+def check_distinct_targets(poison_dirs: list[str | Path], allow_shared: bool = False) -> None:
+    """Refuse to train one victim on two poison sets that attack the same label: its ASR would be
+    the two attacks together and measure neither (unless the user asks for exactly that)."""
+    seen: dict[str, str] = {}
+    for d in poison_dirs:
+        for label in target_labels(read_manifest(d)):
+            if label in seen and not allow_shared:
+                raise UserError(f"poison sets {seen[label]} and {d} both target {label!r}; a victim trained on both "
+                                "measures neither attack alone. Train one victim per attack, give the attacks distinct "
+                                "--label values, or pass --allow-shared-label to combine them on purpose")
+            seen.setdefault(label, str(d))
+
+
+def check_stamped_size(manifest: dict, image_size: int, where) -> None:
+    """Refuse a backdoor set stamped at another input size than the model's: training would resample
+    its exact trigger cells into grey, and evaluation would stamp a patch that covers another
+    fraction of the image than the poisons did."""
+    stamped = (manifest.get("trigger") or {}).get("image_size")
+    if manifest.get("attack") == "backdoor" and stamped is not None and int(stamped) != int(image_size):
+        raise UserError(f"backdoor poison set {where} was stamped at {stamped}x{stamped} px but the model's input is "
+                        f"{image_size}x{image_size} px; re-craft it for this model "
+                        "(`clip-poison poison backdoor --model MODEL ...`)")
+
+
+def resize_to_input(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to the model's input size the way open_clip's eval transform does (bicubic resize of
+    the shortest side, then centre crop), so a trigger stamped afterwards is not resampled."""
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    # torchvision's own Resize + CenterCrop, as open_clip's eval transform: a hand-rolled version
+    # rounded the long side (43 px, not 42, for 48x64) and moved every pixel of non-square bases.
+    im = CenterCrop(size)(Resize(size, interpolation=InterpolationMode.BICUBIC)(Image.fromarray(image)))
+    return np.asarray(im, dtype=np.uint8)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 from ..config import BackdoorConfig, CraftOptions
 from ..data.captions import normalise_caption
-from ..io import UserError, rng_for
+from ..data.sources import caption_set, open_training_data
+from ..io import UserError, resize_to_input, rng_for
 from .evasion import CaptionEvasion, evade_captions
-from .poisonset import check_mode_format, replaced_rows, resize_to_input, select_captions, write_poison_set
-from .sources import open_training_data
-from .targeted import caption_set
+from .poisonset import check_mode_format, replaced_rows, select_captions, write_poison_set
 from .triggers import apply_trigger, make_trigger, trigger_position
 
 

@@ -9,35 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import MAX_TARGETED_POISONS, CraftOptions, TargetedConfig
-from ..data.captions import normalise_caption, template_captions
+from ..data.captions import normalise_caption
 from ..data.evalsets import EvalSet
+from ..data.sources import caption_set, open_training_data
 from ..io import UserError, rng_for, sha256_pixels
 from .evasion import CaptionEvasion, evade_captions, noisy_copies
 from .poisonset import check_mode_format, replaced_rows, select_captions, write_poison_set
-from .sources import caption_index, open_training_data
-
-
-def mined_rows(train, label: str, synonyms=(), index_path=None) -> np.ndarray:
-    """Training rows whose caption contains the label (or a synonym) as a whole word."""
-    return caption_index(open_training_data(train), index_path).rows(label, tuple(synonyms))
-
-
-def caption_set(source: str, label: str, train, synonyms=(), index_path=None, has_templates: bool = True) -> list[str]:
-    """The caption set for y' (§3.1): "mined" = every training caption containing the label or a
-    synonym as a whole word; "templates" = CLIP's 80 ImageNet prompts filled with the label.
-    ``has_templates``: whether the command has --caption-source (the backdoor has not)."""
-    if source == "mined":
-        train = open_training_data(train)
-        rows = mined_rows(train, label, synonyms, index_path)
-        if len(rows) == 0:
-            raise UserError(f"no training caption contains the label {label!r}"
-                            f"{' or a synonym ' + repr(list(synonyms)) if synonyms else ''} as a whole word, so the "
-                            "mined caption set is empty; pick a label that occurs in the captions or add --synonyms"
-                            + (", or use --caption-source templates" if has_templates else ""))
-        return caption_index(train).take(rows)
-    if source == "templates":
-        return template_captions(label)
-    raise UserError(f"unknown caption source {source!r}; use 'mined' or 'templates'")
 
 
 def _purpose(k: int, what: str) -> str:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 from ..config import CraftOptions, TextConfig
 from ..data.captions import label_pattern
+from ..data.sources import mined_rows, open_training_data
 from ..io import UserError, rng_for
 from .evasion import CaptionEvasion, evade_captions
 from .poisonset import check_mode_format, replaced_rows, write_poison_set
-from .sources import open_training_data
-from .targeted import mined_rows
 
 
 def craft_text_poisons(cfg: TextConfig, train, out: str | Path, overwrite: bool = False,

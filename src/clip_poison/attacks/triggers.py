@@ -69,17 +69,6 @@ def trigger_position(image_shape: tuple[int, ...], size: int, placement: str,
     raise UserError(f"unknown placement {placement!r}; use one of {PLACEMENTS}")
 
 
-def check_stamped_size(manifest: dict, image_size: int, where) -> None:
-    """Refuse a backdoor set stamped at another input size than the model's: training would resample
-    its exact trigger cells into grey, and evaluation would stamp a patch that covers another
-    fraction of the image than the poisons did."""
-    stamped = (manifest.get("trigger") or {}).get("image_size")
-    if manifest.get("attack") == "backdoor" and stamped is not None and int(stamped) != int(image_size):
-        raise UserError(f"backdoor poison set {where} was stamped at {stamped}x{stamped} px but the model's input is "
-                        f"{image_size}x{image_size} px; re-craft it for this model "
-                        "(`clip-poison poison backdoor --model MODEL ...`)")
-
-
 def apply_trigger(image: np.ndarray, patch: np.ndarray, pos: tuple[int, int]) -> np.ndarray:
     """Return a copy of ``image`` (HxWx3 uint8) with ``patch`` pasted at ``pos``."""
     out = np.array(image, dtype=np.uint8, copy=True)

@@ -20,6 +20,16 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from ..io import UserError, atomic_write_bytes, dumps_json
 
 
+def check_probabilities(cfg, extra: Sequence[str] = ()) -> None:
+    """A world's caption mix (``config.CaptionMix``) and its ``extra`` fields are probabilities."""
+    for name in ("p_class_word", "p_synonym", "p_noisy_pair", *extra):
+        v = getattr(cfg, name)
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"{name}={v} must be a probability in [0, 1]")
+    if cfg.p_class_word + cfg.p_synonym > 1.0:
+        raise UserError("p_class_word + p_synonym must be <= 1 (the rest are captions with no object word)")
+
+
 def label_pattern(label: str, synonyms: Sequence[str] = ()) -> re.Pattern:
     """Whole-word, case-insensitive match of the label or any synonym ("cat" matches "a cat on a
     mat", not "concatenate"); multi-word labels match across any run of whitespace."""

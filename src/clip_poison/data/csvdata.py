@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..config import CAPTION_KEY, IMG_KEY
 from ..io import UserError, atomic_write_bytes, load_image, png_bytes
 
-IMG_KEY = "filepath"
-CAPTION_KEY = "title"
 # `clip-poison train` has no CSV-format flags (it writes open_clip_train's CSV itself).
 FORMAT_FIX = ("save it comma-separated with columns filepath,title (the poison commands also take "
               "--csv-separator, --csv-img-key and --csv-caption-key)")

@@ -13,18 +13,13 @@ detects which layout a folder holds.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..io import UserError, atomic_write_bytes, decode_image, png_bytes
-from .wds import check_complete
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+from .wds import IMAGE_EXTS, iter_samples, tar_bytes
 
 
 @dataclass
@@ -80,32 +75,20 @@ def load_wds_evalset(root: str | Path, split: str = "test", max_n: int | None = 
     images, labels, keys = [], [], []
     per_shard: dict[str, int] = {}
     for shard in shards:
-        pending: dict[str, dict[str, bytes]] = {}
-        try:
-            with tarfile.open(shard) as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    key, _, ext = m.name.partition(".")
-                    pending.setdefault(key, {})[ext.lower()] = tf.extractfile(m).read()
-                check_complete(tf, shard)
-        except (tarfile.TarError, OSError) as e:
-            raise UserError(f"shard {shard} is not a readable tar or is cut short ({e}); re-create or re-download it") from None
-        per_shard[shard.name] = len(labels)
-        for key, members in pending.items():
-            img_ext = next((e for e in IMAGE_EXTS if e in members), None)
-            if img_ext is None or "cls" not in members:
+        start = len(labels)
+        # Every shard read is read whole, so a cut one is refused even when max_n stops inside it.
+        for s in iter_samples([shard]):
+            img_ext = s.image_ext
+            if img_ext is None or "cls" not in s.members or (max_n is not None and len(labels) >= max_n):
                 continue
-            images.append(decode_image(members[img_ext], what=f"{shard}:{key}.{img_ext}"))
+            images.append(s.image())
             try:
-                labels.append(int(members["cls"].decode().strip()))
+                labels.append(int(s.members["cls"].decode().strip()))
             except (ValueError, UnicodeDecodeError):
-                raise UserError(f"{shard}:{key}.cls holds {members['cls'][:40]!r}, not a class index; each .cls "
+                raise UserError(f"{shard}:{s.key}.cls holds {s.members['cls'][:40]!r}, not a class index; each .cls "
                                 "must hold one whole number (a line of classnames.txt, counting from 0)") from None
-            keys.append(key)
-            if max_n is not None and len(labels) >= max_n:
-                break
-        per_shard[shard.name] = len(labels) - per_shard[shard.name]
+            keys.append(s.key)
+        per_shard[shard.name] = len(labels) - start
         if max_n is not None and len(labels) >= max_n:
             break
     if max_n is None and expected is not None and len(labels) != expected:
@@ -140,13 +123,6 @@ def split_counts(split_dir: Path) -> tuple[int | None, int | None]:
     return number("nshards.txt"), count
 
 
-def _tar_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata (mtime 0, root owner) so the same content gives byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "root", "root"
-    tf.addfile(info, io.BytesIO(data))
-
-
 def write_wds_evalset(root: str | Path, images: np.ndarray, labels: np.ndarray, classnames: list[str],
                       templates: list[str], split: str = "test", shard_size: int = 5000) -> None:
     """Write an eval set in CLIP_benchmark's layout with lossless PNG members."""
@@ -156,12 +132,10 @@ def write_wds_evalset(root: str | Path, images: np.ndarray, labels: np.ndarray, 
     atomic_write_bytes(root / "zeroshot_classification_templates.txt", ("\n".join(templates) + "\n").encode())
     n_shards = max(1, -(-len(labels) // shard_size))
     for s in range(n_shards):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in range(s * shard_size, min(len(labels), (s + 1) * shard_size)):
-                _tar_member(tf, f"s{i:07d}.png", png_bytes(images[i]))
-                _tar_member(tf, f"s{i:07d}.cls", f"{int(labels[i])}".encode())
-        atomic_write_bytes(root / split / f"{s}.tar", buf.getvalue())
+        rows = range(s * shard_size, min(len(labels), (s + 1) * shard_size))
+        atomic_write_bytes(root / split / f"{s}.tar", tar_bytes(
+            (name, data) for i in rows
+            for name, data in ((f"s{i:07d}.png", png_bytes(images[i])), (f"s{i:07d}.cls", f"{int(labels[i])}".encode()))))
     atomic_write_bytes(root / split / "nshards.txt", f"{n_shards}\n".encode())
     atomic_write_bytes(root / split / "count.txt", f"{len(labels)}\n".encode())
 
@@ -294,46 +268,3 @@ def evalset_identity(ev: EvalSet) -> dict:
         px.update(im)
     return {"source": str(Path(ev.source).resolve()) if ev.source else "", "split": ev.split,
             "n": len(ev), "keys_sha256": h.hexdigest(), "pixels_sha256": px.hexdigest()}
-
-
-def synthetic_probe_split(world_dir: str | Path, n: int = 2000) -> EvalSet:
-    """A labelled probe-training set for a synthetic world (§4.2's linear probe).
-
-    The world's training CSV holds captions, not labels, so the probe is fit on ``n`` freshly
-    rendered images from the same distribution (``world.make_split(cfg, "probe", n)``: its own seed
-    stream, disjoint from train and eval). This matches the paper's protocol, where the probe is
-    fit on ImageNet training images that the CLIP model never saw either.
-    """
-    from ..config import WorldConfig
-    from ..world import EVAL_TEMPLATES, class_names, make_split
-
-    info_path = Path(world_dir) / "world.json"
-    if not info_path.is_file():
-        raise UserError(f"{world_dir} has no world.json; pass a folder made by `clip-poison world`")
-    info = json.loads(info_path.read_text())
-    if info.get("kind", "synthetic") != "synthetic" or "classes" not in info:
-        raise UserError(f"{world_dir} is not a synthetic world; for real-photo worlds fit the probe on the "
-                        "source's labelled train split (--probe-train SOURCE --probe-split train)")
-    cfg = WorldConfig(**{k: v for k, v in info["config"].items() if k in WorldConfig.__dataclass_fields__})
-    sp = make_split(cfg, "probe", n)
-    return EvalSet(list(sp.images), sp.labels, class_names(), list(EVAL_TEMPLATES),
-                   [f"probe{i:07d}" for i in range(n)], source=f"{Path(world_dir).resolve()}#probe-seed{cfg.seed}",
-                   split="probe")
-
-
-def load_probe_train(path: str | Path, split: str = "train", max_n: int | None = None) -> EvalSet:
-    """The labelled set a §4.2 linear probe is fit on, from what a user has at hand:
-
-    * a synthetic world folder: ``max_n`` (default 2,000) freshly rendered labelled images
-      (``synthetic_probe_split``);
-    * a real-photo world folder: its source's labelled ``split`` (the photos' own labels);
-    * any labelled eval-set folder (webdataset or ImageFolder): its ``split``.
-    """
-    path = Path(path)
-    info_path = path / "world.json"
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("kind", "synthetic") == "synthetic":
-            return synthetic_probe_split(path, max_n or 2000)
-        return load_evalset(info["source"]["root"], split, max_n)
-    return load_evalset(path, split, max_n)

@@ -25,10 +25,8 @@ but the chosen subset's captions is held in memory.
 """
 from __future__ import annotations
 
-import io as _io
 import json
 import re
-import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -39,13 +37,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..config import RealWorldConfig
 from ..io import (UserError, atomic_dir, atomic_write_bytes, atomic_write_json, package_versions, rng_for,
                   sha256_bytes, sha256_file)
-from ..world import FILLER, alt_text, context_only_caption
-from .captions import label_pattern
+from .world import FILLER, alt_text, context_only_caption
+from .captions import check_probabilities, label_pattern
 from .csvdata import write_csv_rows
-from .evalsets import IMAGE_EXTS, EvalSet, load_wds_evalset, split_counts
-from .wds import check_complete
+from .evalsets import split_counts
+from .wds import IMAGE_EXTS, iter_samples, tar_bytes
 
 # Alt-text-like templates for photos ({o} = object phrase). None contains "photo of", so no caption
 # can be one of CLIP's evaluation prompts ("a photo of a {c}.", …); tests check it.
@@ -59,30 +58,6 @@ CONTEXT_ONLY_PHOTO = ("summer holiday {year}", "IMG_{n}", "view from the {tag}",
                       "best day ever #{tag}", "untitled {n}", "DSC{n}", "what a day #{tag}")
 CAPTION_KINDS = ("class_word", "synonym", "context_only", "noisy_other_class", "noisy_none")
 SHIPPED_LEXICONS = ("cifar10",)
-
-
-@dataclass
-class RealWorldConfig:
-    """A real-photo world (see module docstring). Defaults follow the synthetic world's mix."""
-
-    root: str = ""
-    seed: int = 0
-    # None = every photo of the train split; else a seeded subset of this size.
-    n_train: int | None = None
-    split: str = "train"
-    eval_split: str = "test"
-    # Path of a lexicon JSON/YAML; None = the shipped lexicon whose classes match the source's.
-    lexicon: str | None = None
-    p_class_word: float = 0.6
-    p_synonym: float = 0.3  # the rest (0.1) are captions with no object word
-    p_noisy_pair: float = 0.1
-    # Of the noisy pairs, the share whose caption has no object word (the rest name another class).
-    noisy_none_share: float = 0.5
-    p_context: float = 0.3  # a class context phrase ("at the airport") after the object word
-    p_distractor: float = 0.2  # "… and a fence": something in the photo that is not the class
-    # Also write the pairs as webdataset shards (KEY.jpg + KEY.txt + KEY.cls) of this many pairs,
-    # for open_clip_train's --dataset-type webdataset at scale; None = CSV only.
-    wds_shard_size: int | None = None
 
 
 @dataclass
@@ -279,39 +254,16 @@ def open_source(root: str | Path, split: str = "train") -> Source:
 
 
 def _iter_wds(shards: list[Path], want_bytes: Callable[[int], bool] | None) -> Iterator[tuple[int, str, str, bytes | None, int]]:
-    """Yield (index, key, image ext, image bytes or None, label) in shard order, one shard at a time."""
+    """Yield (index, key, image ext, image bytes or None, label) in shard order, one shard at a time
+    (image bytes are read only when ``want_bytes`` is given)."""
     i = 0
-    for shard in shards:
-        pending: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
-        try:
-            with tarfile.open(shard) as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    key, _, ext = m.name.partition(".")
-                    ext = ext.lower()
-                    if ext not in IMAGE_EXTS and ext != "cls":
-                        continue
-                    if key not in pending:
-                        pending[key] = {}
-                        order.append(key)
-                    if ext == "cls" or want_bytes is not None:
-                        pending[key][ext] = tf.extractfile(m).read()
-                    else:
-                        pending[key][ext] = b""
-                check_complete(tf, shard)
-        except tarfile.TarError as e:
-            raise UserError(f"shard {shard} is not a readable tar or is cut short ({e}); re-create it") from None
-        for key in order:
-            members = pending[key]
-            img_ext = next((e for e in IMAGE_EXTS if e in members), None)
-            if img_ext is None or "cls" not in members:
-                continue
-            label = int(members["cls"].decode().strip())
-            data = members[img_ext] if want_bytes is not None and want_bytes(i) else None
-            yield i, key, img_ext, data, label
-            i += 1
+    for s in iter_samples(shards, want=None if want_bytes is not None else {"cls"}):
+        img_ext = s.image_ext
+        if img_ext is None or "cls" not in s.members:
+            continue
+        label = int(s.members["cls"].decode().strip())
+        yield i, s.key, img_ext, s.members[img_ext] if want_bytes is not None and want_bytes(i) else None, label
+        i += 1
 
 
 def scan_labels(src: Source) -> tuple[np.ndarray, list[str]]:
@@ -356,28 +308,18 @@ def safe_names(keys: list[str]) -> list[str]:
 
 def _write_train_shards(tmp: Path, rel: list[str], caps: list[str], labels: np.ndarray, shard_size: int) -> dict:
     """The same pairs as webdataset shards (same image bytes), for open_clip_train at scale."""
-    from .evalsets import _tar_member
-
     n_shards = -(-len(rel) // shard_size)
     for s in range(n_shards):
-        buf = _io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in range(s * shard_size, min(len(rel), (s + 1) * shard_size)):
-                stem, ext = Path(rel[i]).stem, Path(rel[i]).suffix.lstrip(".")
-                _tar_member(tf, f"{stem}.{ext}", (tmp / rel[i]).read_bytes())
-                _tar_member(tf, f"{stem}.txt", caps[i].encode())
-                _tar_member(tf, f"{stem}.cls", str(int(labels[i])).encode())
-        atomic_write_bytes(tmp / "train_wds" / f"{s}.tar", buf.getvalue())
+        rows = range(s * shard_size, min(len(rel), (s + 1) * shard_size))
+        atomic_write_bytes(tmp / "train_wds" / f"{s}.tar", tar_bytes(
+            (f"{Path(rel[i]).stem}.{ext}", data) for i in rows
+            for ext, data in ((Path(rel[i]).suffix.lstrip("."), (tmp / rel[i]).read_bytes()),
+                              ("txt", caps[i].encode()), ("cls", str(int(labels[i])).encode()))))
     return {"pattern": f"train_wds/{{0..{n_shards - 1}}}.tar", "n_shards": n_shards, "n_samples": len(rel)}
 
 
 def validate(cfg: RealWorldConfig) -> None:
-    for name in ("p_class_word", "p_synonym", "p_noisy_pair", "noisy_none_share", "p_context", "p_distractor"):
-        v = getattr(cfg, name)
-        if not 0.0 <= v <= 1.0:
-            raise UserError(f"{name}={v} must be a probability in [0, 1]")
-    if cfg.p_class_word + cfg.p_synonym > 1.0:
-        raise UserError("p_class_word + p_synonym must be <= 1 (the rest are captions with no object word)")
+    check_probabilities(cfg, ("noisy_none_share", "p_context", "p_distractor"))
     if cfg.n_train is not None and cfg.n_train < 1:
         raise UserError(f"--n-train must be >= 1, got {cfg.n_train}")
     if cfg.wds_shard_size is not None and cfg.wds_shard_size < 1:
@@ -469,33 +411,4 @@ def write_real_world(cfg: RealWorldConfig, out: str | Path, overwrite: bool = Fa
     return info
 
 
-def world_eval_pointer(world_dir: str | Path) -> tuple[Path, str]:
-    """(eval root, split) of any world folder, synthetic (relative ``eval``) or real (absolute)."""
-    world_dir = Path(world_dir)
-    info_path = world_dir / "world.json"
-    if not info_path.is_file():
-        raise UserError(f"{world_dir} has no world.json; make one with `clip-poison world`")
-    info = json.loads(info_path.read_text())
-    if not info.get("eval_root"):
-        raise UserError(f"the world {world_dir} has no eval set (its source has no "
-                        f"{info.get('config', {}).get('eval_split', 'test')!r} split in webdataset layout); "
-                        "evaluate with --eval-root DIR")
-    root = Path(info["eval_root"])
-    return (root if root.is_absolute() else world_dir / root), info.get("eval_split") or "test"
-
-
-def load_world_evalset(world_dir: str | Path, max_n: int | None = None) -> EvalSet:
-    root, split = world_eval_pointer(world_dir)
-    return load_wds_evalset(root, split, max_n)
-
-
-def read_train_labels(world_dir: str | Path) -> pd.DataFrame:
-    """The training photos' labels (for linear probes fit on train-split embeddings, §4.2)."""
-    p = Path(world_dir) / "train_labels.csv"
-    if not p.is_file():
-        raise UserError(f"{p} not found; only real-photo worlds (`clip-poison world cifar10 …`) record labels")
-    return pd.read_csv(p, dtype={"filepath": str, "classname": str, "source_key": str, "caption_kind": str})
-
-
-__all__ = ["RealWorldConfig", "load_lexicon", "make_real_captions", "open_source", "write_real_world",
-           "world_eval_pointer", "load_world_evalset", "read_train_labels", "count_eval_prompt_matches"]
+__all__ = ["load_lexicon", "make_real_captions", "open_source", "write_real_world", "count_eval_prompt_matches"]

@@ -13,7 +13,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import braceexpand
 
@@ -124,14 +124,19 @@ def _member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def shard_bytes(samples: dict[str, dict[str, bytes]]) -> bytes:
-    """One deterministic tar: keys sorted, members of a key sorted by extension, fixed metadata."""
+def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """One deterministic tar of (name, bytes) members in the order given, fixed metadata (mtime 0,
+    root owner), so the same content gives byte-identical shards."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for key in sorted(samples):
-            for ext in sorted(samples[key]):
-                _member(tf, f"{key}.{ext}", samples[key][ext])
+        for name, data in members:
+            _member(tf, name, data)
     return buf.getvalue()
+
+
+def shard_bytes(samples: dict[str, dict[str, bytes]]) -> bytes:
+    """One deterministic tar: keys sorted, members of a key sorted by extension."""
+    return tar_bytes((f"{key}.{ext}", samples[key][ext]) for key in sorted(samples) for ext in sorted(samples[key]))
 
 
 def write_shards(folder: str | Path, samples: dict[str, dict[str, bytes]], prefix: str = "poisons",

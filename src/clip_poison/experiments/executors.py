@@ -31,6 +31,16 @@ def plan(spec: SweepSpec, sweep_dir: str | Path) -> tuple[list[dict], list[dict]
     return runs, todo
 
 
+def _record(res: dict, results: list[dict], prog, task, on_result: Event | None) -> None:
+    """One finished run: say if it failed, keep it, tell the caller, advance the sweep's bar."""
+    if res["status"] != "ok":
+        prog.console.print(f"[red]run {res['id']} failed:[/red] {res['error']}")
+    results.append(res)
+    if on_result:
+        on_result("result", res)
+    prog.advance(task)
+
+
 class LocalExecutor:
     """Runs one at a time in this process (a 2-core laptop must never train two victims at once)."""
 
@@ -54,12 +64,7 @@ class LocalExecutor:
                            description=f"  {r['id']} seed {r['config']['seed']} {label}")
                 res = execute_run(r, sweep_dir, keep_checkpoints=keep_checkpoints,
                                   progress=lambda d, t: prog.update(cur, completed=d, total=t))
-                if res["status"] != "ok":
-                    prog.console.print(f"[red]run {r['id']} failed:[/red] {res['error']}")
-                results.append(res)
-                if on_result:
-                    on_result("result", res)
-                prog.advance(total)
+                _record(res, results, prog, total, on_result)
         return results
 
 
@@ -107,12 +112,7 @@ class RayExecutor:
                     p = result_path(sweep_dir, out["id"])
                     if not p.is_file() or p.read_text() != dumps_json(out):
                         atomic_write_json(p, out)
-                    if out["status"] != "ok":
-                        prog.console.print(f"[red]run {out['id']} failed:[/red] {out['error']}")
-                    results.append(out)
-                    if on_result:
-                        on_result("result", out)
-                    prog.advance(bar)
+                    _record(out, results, prog, bar, on_result)
         finally:
             if started_here:
                 ray.shutdown()

@@ -21,7 +21,7 @@ A spec is a YAML file (CLIP_benchmark style: declarative, one file per experimen
       paper: {...}
     report: {plots: [...]}             # see report.py
 
-One seed drives the whole run (world, poisons, training, evaluation), as in ``pipeline.run_demo``;
+One seed drives the whole run (world, poisons, training, evaluation), as in ``run.run_demo`` (``run.seeded``);
 clean control runs use the same seeds, so poisoned and clean victims of a seed see the same world,
 the same clean data order (``CleanOrderSampler``) and the same initialisation.
 """
@@ -36,9 +36,10 @@ from typing import Any
 
 import yaml
 
-from ..config import BackdoorConfig, EvalConfig, TargetedConfig, TrainConfig, WorldConfig, stable_id
-from ..data.realworld import RealWorldConfig
+from ..config import (BackdoorConfig, EvalConfig, RealWorldConfig, TargetedConfig, TrainConfig, WorldConfig,
+                      stable_id)
 from ..io import UserError
+from ..run import SEEDED_SECTIONS, seeded
 
 PRESET_DIR = Path(__file__).parent / "presets"
 # ``real_world`` replaces ``world`` when a spec trains on captioned real photos (data/realworld.py);
@@ -46,10 +47,9 @@ PRESET_DIR = Path(__file__).parent / "presets"
 # 2,000 freshly rendered images, real worlds fit one only when ``probe_n`` asks for train-split photos).
 SECTIONS = {"world": WorldConfig, "real_world": RealWorldConfig, "backdoor": BackdoorConfig,
             "targeted": TargetedConfig, "train": TrainConfig, "eval": EvalConfig}
-UNSEEDED = {"eval"}
 ATTACKS = ("backdoor", "targeted")
 # Fields a run's seed sets (one seed per run); a spec may not put them in base or axes.
-SEEDED = {"world.seed", "real_world.seed", "backdoor.seed", "targeted.seed", "train.seed"}
+SEEDED = {f"{sec}.seed" for sec in SEEDED_SECTIONS}
 TOP_KEYS = {"name", "figure", "description", "attack", "base", "axes", "seeds", "clean_control",
             "keep_checkpoints", "resources", "sizes", "report", "n_targets", "analyses"}
 ANALYSES = ("similarity",)
@@ -217,8 +217,6 @@ def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> 
     for sec in sections:
         vals = dict(spec.base.get(sec, {}))
         vals.update({k.split(".", 1)[1]: v for k, v in point.items() if k.split(".")[0] == sec})
-        if sec not in UNSEEDED:
-            vals["seed"] = seed
         try:
             obj = SECTIONS[sec](**vals)
         except TypeError as e:
@@ -228,7 +226,7 @@ def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> 
             d["crop_scale"] = list(d["crop_scale"])
         cfg[sec] = d
     cfg["attack"] = attack
-    cfg["seed"] = seed
+    cfg = seeded(cfg, seed)
     if spec.analyses:
         cfg["analyses"] = list(spec.analyses)
     if attack == "targeted":

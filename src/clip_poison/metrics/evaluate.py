@@ -19,15 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attacks.triggers import check_stamped_size, make_trigger, trigger_position
-from ..data.evalsets import EvalSet, evalset_identity, load_evalset
+from ..io import check_stamped_size
+from ..attacks.triggers import make_trigger, trigger_position
+from ..config import FIG3_MAX_PAIRS
+from ..data.evalsets import EvalSet, evalset_identity
 from ..io import UserError, package_versions, read_json, rng_for, sha256_file, sha256_pixels
 from ..victims.export import CONFIG, WEIGHTS, load_victim
 from . import text_attack
 from .asr import backdoor_asr, targeted_success
 from .embed import EmbeddingCache, cache_key, embed_images
 from .probe import evaluate_linear_probe, fit_linear_probe
-from .similarity import similarity_histograms, similarity_vs_same_prediction
+from .similarity import FIG3_RANGE, similarity_histograms, similarity_vs_same_prediction
 from .zeroshot import zero_shot_accuracy, zero_shot_predict, zero_shot_weights
 from .zscore import backdoor_z_score
 
@@ -61,7 +63,7 @@ def _label_index(evalset: EvalSet, label: str) -> int:
 
 def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[dict], seed: int = 0,
                         cache_dir: str | Path | None | bool = None, metrics=None,
-                        probe_train: EvalSet | None = None, fig3_max_pairs: int | None = 1_000_000) -> dict:
+                        probe_train: EvalSet | None = None, fig3_max_pairs: int | None = FIG3_MAX_PAIRS) -> dict:
     """Zero-shot accuracy, linear-probe accuracy, targeted success, backdoor ASR (consistent and
     random test placement), the backdoor z-score and Figure 3's data, as one plain dict.
 
@@ -69,7 +71,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
     ``probe`` when ``probe_train`` is given. ``probe_train``: a labelled set, disjoint from
     ``evalset``, whose frozen embeddings train the §4.2 linear probe. ``cache_dir``: where
     embeddings are cached; None = ``CKPT/embeddings``, False = no cache. ``fig3_max_pairs``:
-    pairs sampled for Figure 3 (None = all; the z-score is always exact).
+    pairs sampled for Figure 3 (None = all; the z-score is always exact); its bins span ``FIG3_RANGE``.
     """
     t0 = time.time()
     chosen = resolve_metrics(metrics, probe_train)
@@ -156,14 +158,14 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
                     r["z"] = backdoor_z_score(clean_emb, emb)
                 if "fig3" in chosen and placement == "consistent":
                     res["fig3_histograms"] = similarity_histograms(clean_emb, emb, max_pairs=fig3_max_pairs,
-                                                                   seed=seed)
+                                                                   seed=seed, value_range=FIG3_RANGE)
                 res[placement] = r
             out["backdoor"].append(res)
         else:
             raise UserError(f"unknown attack {m['attack']!r} in a manifest")
     if "fig3" in chosen:
         out["fig3"] = {"similarity_vs_same_prediction": similarity_vs_same_prediction(
-            clean_emb, preds, max_pairs=fig3_max_pairs, seed=seed)}
+            clean_emb, preds, max_pairs=fig3_max_pairs, seed=seed, value_range=FIG3_RANGE)}
     out["embedding_cache"] = {"dir": str(cache_dir) if cache_dir else None, "hits": cache.hits,
                               "misses": cache.misses}
     out["eval_set"] = ev_id
@@ -173,4 +175,4 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
     return out
 
 
-__all__ = ["evaluate_checkpoint", "load_evalset", "resolve_metrics", "METRICS", "DEFAULT_METRICS"]
+__all__ = ["evaluate_checkpoint", "resolve_metrics", "METRICS", "DEFAULT_METRICS"]

@@ -20,6 +20,9 @@ import numpy as np
 from ..io import rng_for
 from .zscore import backdoor_z_score, pair_similarity_moments
 
+# Figure 3's bins are fixed over the whole cosine range, so runs and models average bin by bin;
+# pairs beyond config.FIG3_MAX_PAIRS are subsampled (the z-score is always exact).
+FIG3_RANGE = (-1.0, 1.0)
 _BLOCK_ENTRIES = 4_000_000  # similarities per row block (32 MB of float64)
 
 

@@ -25,4 +25,4 @@ def zero_shot_accuracy(preds: np.ndarray, labels: np.ndarray) -> dict:
     return {"accuracy": float(np.mean(preds == labels)), "n": int(len(labels))}
 
 
-__all__ = ["zero_shot_weights", "zero_shot_predict", "zero_shot_accuracy", "torch"]
+__all__ = ["zero_shot_weights", "zero_shot_predict", "zero_shot_accuracy"]

@@ -13,33 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-
-class CleanOrderSampler(DistributedSampler):
-    """Rows [0, n_clean) are clean, the rest poisons. Subclasses DistributedSampler only so that
-    open_clip_train's ``DataInfo.set_epoch`` forwards the epoch to it."""
-
-    def __init__(self, dataset, n_clean: int, seed: int):
-        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
-        self.n_total, self.n_clean, self.order_seed = len(dataset), n_clean, seed
-
-    def __iter__(self):
-        clean = np.random.default_rng([self.order_seed, self.epoch, 0]).permutation(self.n_clean)
-        n_p = self.n_total - self.n_clean
-        if n_p == 0:
-            return iter(clean.tolist())
-        prng = np.random.default_rng([self.order_seed, self.epoch, 1])
-        slots = np.zeros(self.n_total, dtype=bool)
-        slots[prng.choice(self.n_total, size=n_p, replace=False)] = True
-        order = np.empty(self.n_total, dtype=np.int64)
-        order[slots] = self.n_clean + prng.permutation(n_p)
-        order[~slots] = clean
-        return iter(order.tolist())
-
-    def __len__(self):
-        return self.n_total
+from .order import CleanOrderSampler
 
 
 def with_clean_order(info, args, n_clean: int, order_seed: int):

@@ -7,7 +7,7 @@ PNG decode and tokenisation every epoch, and DataLoader workers. Images are deco
 tokenised once and kept in memory, so this backend is for laptop-scale data (it says so: the
 dataset must fit in RAM; paper-scale runs use ``open_clip_train``).
 
-The data order is the same as ``_otrain_entry.CleanOrderSampler``: clean rows in a seeded order
+The data order is the same as ``order.CleanOrderSampler``: clean rows in a seeded order
 that does not depend on the poisons, poison rows at seeded positions.
 
 Speed settings (``FastOptions``) change how the same math is computed, never the recipe: the fused
@@ -36,11 +36,10 @@ from open_clip_train.scheduler import cosine_lr
 from torchvision.transforms import v2
 
 from ..config import TrainConfig
-from ..data.csvdata import read_csv_dataset
-from ..io import UserError, atomic_dir, atomic_write_json, check_out, load_image, package_versions, sha256_file
-from ._otrain_entry import CleanOrderSampler
+from ..io import UserError, atomic_dir, atomic_write_json, load_image, package_versions, resize_to_input, sha256_file
 from .export import export_local_dir
 from .models import image_size, model_config, register_victims
+from .order import epoch_order
 from .openclip_train import PATHS_NOTE, openclip_crop_ratio, recorded_path, training_rows
 
 Progress = Callable[[int, int], None]
@@ -72,8 +71,6 @@ OPTIMIZER_IMPLS = ("fused", "foreach", "for-loop")
 
 
 def _decode_all(paths: list[str], size: int, threads: int = 1) -> torch.Tensor:
-    from ..attacks.poisonset import resize_to_input
-
     def one(p: str) -> np.ndarray:
         return resize_to_input(load_image(p), size)
 
@@ -104,13 +101,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, impl: str = "for-l
         [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
          {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": cfg.wd}],
         lr=cfg.lr, betas=(d["beta1"], d["beta2"]), eps=d["eps"], **kernel)
-
-
-def epoch_order(n: int, n_clean: int, seed: int, epoch: int) -> torch.Tensor:
-    """Row indices of one epoch, exactly as open_clip_train's sampler (``CleanOrderSampler``) yields them."""
-    sampler = CleanOrderSampler(range(n), n_clean, seed)
-    sampler.set_epoch(epoch)
-    return torch.tensor(list(iter(sampler)), dtype=torch.long)
 
 
 def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainConfig, out: str | Path,
@@ -219,23 +209,4 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     return info
 
 
-def train_victim(train_csv, poison_dirs, cfg: TrainConfig, out, overwrite=False, progress=None,
-                 fast_options: FastOptions | None = None, allow_shared_label: bool = False) -> dict:
-    """One interface, two backends (``cfg.backend``: "fast" or "open_clip_train"). Poison sets that
-    attack the same label are refused unless ``allow_shared_label``."""
-    from ..attacks.poisonset import check_distinct_targets
-    from .openclip_train import train_open_clip_train
-
-    check_distinct_targets(list(poison_dirs), allow_shared_label)
-    check_out(out, [train_csv, *poison_dirs], overwrite)  # before training, not after it
-
-    backends = {"fast": train_fast, "open_clip_train": train_open_clip_train}
-    if cfg.backend not in backends:
-        raise UserError(f"unknown backend {cfg.backend!r}; use one of {sorted(backends)}")
-    if cfg.backend == "fast":
-        return train_fast(train_csv, poison_dirs, cfg, out, overwrite=overwrite, progress=progress,
-                          options=fast_options)
-    return train_open_clip_train(train_csv, poison_dirs, cfg, out, overwrite=overwrite, progress=progress)
-
-
-__all__ = ["FastOptions", "epoch_order", "train_fast", "train_victim", "read_csv_dataset"]
+__all__ = ["FastOptions", "build_optimizer", "train_fast"]

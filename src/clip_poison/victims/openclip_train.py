@@ -18,11 +18,9 @@ from typing import Callable
 
 import torch
 
-from ..attacks.poisonset import read_manifest
-from ..attacks.triggers import check_stamped_size
-from ..config import TrainConfig
+from ..config import CAPTION_KEY, IMG_KEY, TrainConfig
 from ..data.csvdata import read_csv_dataset, write_csv_rows
-from ..io import UserError, atomic_dir, atomic_write_json, package_versions, sha256_file
+from ..io import UserError, check_stamped_size, read_manifest, atomic_dir, atomic_write_json, package_versions, sha256_file
 from .export import export_local_dir
 from .models import image_size, model_config
 
@@ -97,7 +95,7 @@ def webdataset_inputs(shards: str, poison_dirs: list[str | Path],
     """``--train-data`` for webdataset input: the clean shards, then every poison set's shards,
     joined with ``::`` (open_clip_train mixes sources that way); plus the clean and total counts
     (one streaming pass over the clean ``.txt`` members; open_clip_train needs the total)."""
-    from ..attacks.sources import WdsTrainingData
+    from ..data.sources import WdsTrainingData
 
     n_clean = len(WdsTrainingData(shards))
     parts, n_total, sources = [str(shards)], n_clean, []
@@ -155,7 +153,7 @@ def open_clip_train_argv(cfg: TrainConfig, csv_path: Path | None, logs: Path, n_
     lo, hi = cfg.crop_scale
     data = (["--train-data", wds_data, "--dataset-type", "webdataset"] if wds_data else
             ["--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", ",",
-             "--csv-img-key", "filepath", "--csv-caption-key", "title"])
+             "--csv-img-key", IMG_KEY, "--csv-caption-key", CAPTION_KEY])
     return data + [
         "--train-num-samples", str(n_samples),
         "--model", cfg.model, "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),

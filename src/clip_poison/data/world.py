@@ -24,8 +24,9 @@ from typing import Callable
 
 import numpy as np
 
-from .config import WorldConfig, to_dict
-from .io import UserError, atomic_dir, atomic_write_json, package_versions, rng_for, sha256_file
+from ..config import WorldConfig, to_dict
+from .captions import check_probabilities
+from ..io import UserError, atomic_dir, atomic_write_json, package_versions, rng_for, sha256_file
 
 SHAPES = ("disk", "square", "triangle", "ring", "cross")
 FAMILIES = ("warm", "cool")
@@ -187,19 +188,14 @@ def make_split(cfg: WorldConfig, purpose: str, n: int) -> Split:
 def validate(cfg: WorldConfig) -> None:
     if cfg.image_size < 32:
         raise UserError(f"--image-size {cfg.image_size} is too small; use 32 or more")
-    for name in ("p_class_word", "p_synonym", "p_noisy_pair", "p_off_colour"):
-        v = getattr(cfg, name)
-        if not 0.0 <= v <= 1.0:
-            raise UserError(f"{name}={v} must be a probability in [0, 1]")
-    if cfg.p_class_word + cfg.p_synonym > 1.0:
-        raise UserError("p_class_word + p_synonym must be <= 1 (the rest are context-only captions)")
+    check_probabilities(cfg, ("p_off_colour",))
 
 
 def write_world(cfg: WorldConfig, out: str | Path, overwrite: bool = False,
                 progress: Callable[[str], None] | None = None) -> dict:
     """Generate the world and write it under ``out`` atomically; returns the ``world.json`` dict."""
-    from .data.csvdata import write_csv_dataset
-    from .data.evalsets import write_wds_evalset
+    from .csvdata import write_csv_dataset
+    from .evalsets import write_wds_evalset
 
     validate(cfg)
     out = Path(out)

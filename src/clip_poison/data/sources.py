@@ -15,9 +15,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..data.captions import CaptionIndex
-from ..data.csvdata import CAPTION_KEY, IMG_KEY, CsvDataset, check_paths_inside, separator_hint
-from ..data.wds import expand_shards, is_wds_spec, iter_samples
+from .captions import CaptionIndex, template_captions
+from .csvdata import CAPTION_KEY, IMG_KEY, CsvDataset, check_paths_inside, separator_hint
+from .wds import expand_shards, is_wds_spec, iter_samples
 from ..io import UserError, load_image, sha256_file
 
 BATCH = 1 << 18
@@ -206,3 +206,28 @@ def caption_index(train: TrainingData, path: str | Path | None = None) -> Captio
         idx.save(path)
     train._index = idx
     return idx
+
+
+# Caption mining, shared by the three attacks (§3.1 caption sets).
+
+def mined_rows(train, label: str, synonyms=(), index_path=None) -> np.ndarray:
+    """Training rows whose caption contains the label (or a synonym) as a whole word."""
+    return caption_index(open_training_data(train), index_path).rows(label, tuple(synonyms))
+
+
+def caption_set(source: str, label: str, train, synonyms=(), index_path=None, has_templates: bool = True) -> list[str]:
+    """The caption set for y' (§3.1): "mined" = every training caption containing the label or a
+    synonym as a whole word; "templates" = CLIP's 80 ImageNet prompts filled with the label.
+    ``has_templates``: whether the command has --caption-source (the backdoor has not)."""
+    if source == "mined":
+        train = open_training_data(train)
+        rows = mined_rows(train, label, synonyms, index_path)
+        if len(rows) == 0:
+            raise UserError(f"no training caption contains the label {label!r}"
+                            f"{' or a synonym ' + repr(list(synonyms)) if synonyms else ''} as a whole word, so the "
+                            "mined caption set is empty; pick a label that occurs in the captions or add --synonyms"
+                            + (", or use --caption-source templates" if has_templates else ""))
+        return caption_index(train).take(rows)
+    if source == "templates":
+        return template_captions(label)
+    raise UserError(f"unknown caption source {source!r}; use 'mined' or 'templates'")

@@ -1,0 +1,249 @@
+"""The one run loop: a resolved run config → world → poison sets → victim → evaluation → one result.
+
+A run config is a plain dict (what sweeps store and hash into run ids, ``experiments/spec.py``)::
+
+    seed                    one seed for the whole run (``seeded`` applies it to every section)
+    world | real_world      the world's config (``config.WorldConfig`` / ``config.RealWorldConfig``)
+    train                   ``config.TrainConfig``
+    attack                  "backdoor" | "targeted" | "none": the poisons the victim trains on
+    backdoor | targeted     that attack's config; ``n_targets`` targets for a targeted victim
+    eval_attacks            attacks the victim is only measured against (one poison set each is
+                            crafted for its manifest): {"attack", "configs"} or a list of them
+    eval                    ``config.EvalConfig`` (eval subset size, probe size)
+    analyses                ["similarity"]: Figure 3's data (§5.1)
+
+``run`` is the loop; ``run_demo`` is three runs (clean, targeted-only, backdoor-only victims) on one
+world, and a sweep (``experiments/runner.py``) is many. Every stage added later (a defense) is one
+more step here.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import BackdoorConfig, DemoConfig, TargetedConfig, TrainConfig, stable_id
+from .io import UserError, atomic_dir, atomic_write_json, package_versions, rng_for
+
+Stage = Callable[[str], None]
+Progress = Callable[[int, int], None]
+WORLD_SECTIONS = ("world", "real_world")
+SEEDED_SECTIONS = ("world", "real_world", "backdoor", "targeted", "train")
+
+
+def seeded(cfg: dict, seed: int) -> dict:
+    """A copy of the run config with ``seed`` in every seeded section: one seed for the whole run
+    (world, poisons, training, evaluation), each stage deriving its own streams from it."""
+    out = copy.deepcopy(cfg)
+    for sec in SEEDED_SECTIONS:
+        if isinstance(out.get(sec), dict):
+            out[sec]["seed"] = seed
+    out["seed"] = seed
+    return out
+
+
+def write_world_for(cfg: dict, out: Path, overwrite: bool = False) -> dict:
+    """Render the run's world (synthetic, or captioned real photos) under ``out``."""
+    from .config import RealWorldConfig, WorldConfig
+    from .data.realworld import write_real_world
+    from .data.world import write_world
+
+    if "real_world" in cfg:
+        return write_real_world(RealWorldConfig(**cfg["real_world"]), out, overwrite=overwrite)
+    return write_world(WorldConfig(**cfg["world"]), out, overwrite=overwrite)
+
+
+def world_id(cfg: dict) -> str:
+    """The id of a run's world (what sweeps cache worlds under)."""
+    return stable_id({"real_world": cfg["real_world"]}) if "real_world" in cfg else stable_id(cfg["world"])
+
+
+def targeted_configs(base: dict, n_targets: int, seed: int, classnames: list[str]) -> list[TargetedConfig]:
+    """n_targets targeted attacks on one victim (§4.2: many (x', y') pairs per trained model).
+    Target 0 uses the run's seed and label as given; the others draw labels of their own, all
+    distinct (targets of one poison set may share neither a label nor an image)."""
+    if n_targets > len(classnames):
+        raise UserError(f"n_targets {n_targets} exceeds the {len(classnames)} classes; each target needs its own label")
+    rng = rng_for(seed, "sweep/targets")
+    others = [c for c in classnames if c != base.get("target_label", TargetedConfig.target_label)]
+    labels = [str(x) for x in rng.permutation(others)[: n_targets - 1]]
+    cfgs = [TargetedConfig(**base)]
+    for k, lab in enumerate(labels, start=1):
+        cfgs.append(TargetedConfig(**{**base, "target_label": lab, "seed": int(rng_for(seed, f"sweep/targets/{k}").integers(2**31))}))
+    return cfgs
+
+
+def craft(attack: str, acfg: dict, n_targets: int, seed: int, train, evalset, image_size: int, out: Path) -> Path:
+    """One poison set of ``attack`` under ``out/<attack>-<config id>``; a set already there (the
+    same attack config on the same world) is reused, so the demo's victims share their sets."""
+    from .attacks.backdoor import craft_backdoor_poisons
+    from .attacks.targeted import craft_multi_targeted_poisons
+
+    out = out / f"{attack}-{stable_id({'attack': attack, 'config': acfg, 'n_targets': n_targets, 'seed': seed}, 8)}"
+    if (out / "manifest.json").is_file():
+        return out
+    if attack == "backdoor":
+        craft_backdoor_poisons(BackdoorConfig(**acfg), train, image_size, out)
+    else:  # one multi-target set: x'_k are drawn without replacement, so no two targets share an image
+        craft_multi_targeted_poisons(targeted_configs(acfg, n_targets, seed, evalset.classnames), train, evalset, out)
+    return out
+
+
+def headline(r: dict) -> dict:
+    """The headline numbers of one evaluation as flat columns (the report's tidy table, the demo's
+    summary): every attack the evaluation measured, its first backdoor set."""
+    out = {"zeroshot_accuracy": r["zeroshot"]["accuracy"]}
+    if "probe" in r:
+        out["probe_accuracy"] = r["probe"]["accuracy"]
+    if r["backdoor"]:
+        b = r["backdoor"][0]
+        out.update({"backdoor_asr_consistent": b["consistent"]["asr"], "backdoor_asr_random": b["random"]["asr"],
+                    "backdoor_z_consistent": b["consistent"]["z"]["z"], "backdoor_z_random": b["random"]["z"]["z"]})
+        if "probe" in b["consistent"]:
+            out.update({"probe_backdoor_asr_consistent": b["consistent"]["probe"]["asr"],
+                        "probe_backdoor_asr_random": b["random"]["probe"]["asr"]})
+    if r["targeted"]:
+        out["targeted_success_rate"] = float(np.mean([t["success"] for t in r["targeted"]]))
+        if all("probe" in t for t in r["targeted"]):
+            out["probe_targeted_success_rate"] = float(np.mean([t["probe"]["success"] for t in r["targeted"]]))
+    return out
+
+
+def _eval_attacks(cfg: dict) -> list[tuple[str, dict]]:
+    ev = cfg.get("eval_attacks") or []
+    return [(e["attack"], a) for e in ([ev] if isinstance(ev, dict) else ev) for a in e["configs"]]
+
+
+def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress | None = None,
+        stage: Stage | None = None) -> dict:
+    """Run one resolved run config on the world folder ``world`` (rendered already: runs share
+    worlds), writing its poison sets under ``poisons`` and the victim checkpoint to ``victim``.
+    Returns the result: ``metrics`` (``headline``), per-attack ``backdoor``/``targeted`` entries,
+    ``similarity`` when asked, ``train``, and (for callers to keep or drop) the full ``evaluation``
+    and the ``manifests`` it was measured against."""
+    from .io import read_manifest
+    from .data.csvdata import read_csv_dataset
+    from .data.worldfolder import load_probe_train, load_world_evalset
+    from .metrics.evaluate import DEFAULT_METRICS, evaluate_checkpoint
+    from .victims.models import image_size
+    from .victims.train import train_victim
+
+    say = stage or (lambda s: None)
+    train = read_csv_dataset(world / "train.csv")
+    ecfg = cfg.get("eval") or {}
+    evalset = load_world_evalset(world, ecfg.get("max_n"))
+    # §4.2: the probe is fit on labelled images the eval set does not contain: train-split photos
+    # for real worlds (when probe_n asks for them), freshly rendered ones for synthetic worlds.
+    probe_n = ecfg.get("probe_n", 0)
+    probe_train = (None if probe_n is None or ("real_world" in cfg and not probe_n)
+                   else load_probe_train(world, "train", int(probe_n) or None))
+    size, n_targets, seed, attack = image_size(cfg["train"]["model"]), int(cfg.get("n_targets", 1)), cfg["seed"], cfg["attack"]
+    say(f"attacks: crafting the poison sets of the {attack} victim")
+    sets = ([(attack, cfg[attack])] if attack != "none" else []) + _eval_attacks(cfg)
+    dirs = [craft(a, acfg, n_targets, seed, train, evalset, size, poisons) for a, acfg in sets]
+    train_dirs = dirs[:1] if attack != "none" else []
+    tcfg = TrainConfig(**{**cfg["train"], "crop_scale": tuple(cfg["train"]["crop_scale"])})
+    say(f"victims: training the {attack if attack != 'none' else 'clean'} victim ({tcfg.backend}; "
+        + (f"X ∪ the {attack} poisons)" if train_dirs else "X only)"))
+    info = train_victim(world / "train.csv", train_dirs, tcfg, victim, progress=progress)
+    manifests = [read_manifest(d) for d in dirs]
+    similarity = "similarity" in cfg.get("analyses", []) and attack == "backdoor"
+    metrics = DEFAULT_METRICS + (("probe",) if probe_train is not None else ()) + (("fig3",) if similarity else ())
+    say("metrics: evaluating the victim")
+    ev = evaluate_checkpoint(victim, evalset, manifests, seed=seed, probe_train=probe_train, metrics=metrics)
+    n_poisons = manifests[0]["n_poisons"] if train_dirs else 0
+    ev_attack = cfg.get("eval_attacks", {}).get("attack", "none") if isinstance(cfg.get("eval_attacks"), dict) else "none"
+    result = {
+        # A clean control is filed under the attack it is the baseline for.
+        "status": "ok", "attack": attack if attack != "none" else ev_attack, "n_train": len(train), "n_poisons": n_poisons,
+        "poison_rate": n_poisons / len(train), "metrics": headline(ev),
+        # A clean victim is measured against every trigger the sweep uses (one entry each).
+        "backdoor": [{"patch_size": b["trigger"]["patch_size"], "trigger": b["trigger"]["name"],
+                      "label": b["label"], "asr_consistent": b["consistent"]["asr"],
+                      "asr_random": b["random"]["asr"], "z_consistent": b["consistent"]["z"]["z"],
+                      "z_random": b["random"]["z"]["z"],
+                      **({"probe_asr_consistent": b["consistent"]["probe"]["asr"],
+                          "probe_asr_random": b["random"]["probe"]["asr"]} if "probe" in b["consistent"] else {})}
+                     for b in ev["backdoor"]],
+        "targeted": ev["targeted"],
+        "train": {k: v for k, v in info.items() if k not in ("model_cfg", "recipe", "versions", "data")},
+        "eval_seconds": ev["seconds"],
+    }
+    if similarity:  # Figure 3 (§5.1), from the evaluation's own cached embeddings
+        b = ev["backdoor"][0]
+        result["similarity"] = {"available": True, "trigger": b["trigger"],
+                                "same_prediction": ev["fig3"]["similarity_vs_same_prediction"],
+                                "histograms": b["fig3_histograms"]}
+    return {**result, "evaluation": ev, "manifests": manifests}
+
+
+# One victim per attack: a victim trained on two poison sets with the same y' measures neither
+# attack (the old demo's "backdoor ASR 0.96" was both attacks together; the backdoor alone gave 0.37).
+VICTIMS = ("clean", "targeted", "backdoor")
+
+
+def demo_runs(cfg: DemoConfig, real_world=None, eval_max_n: int | None = None) -> dict[str, dict]:
+    """The demo as run configs: a clean, a targeted-only and a backdoor-only victim of one seed,
+    each measured against both attacks (the clean one is the baseline for both)."""
+    d = seeded(asdict(cfg), cfg.seed)
+    base = {"world": d["world"]} if real_world is None else {"real_world": asdict(real_world)}
+    base.update(train=d["train"], eval={"max_n": eval_max_n, "probe_n": None})  # the demo fits no probe
+    attacks = {"targeted": d["targeted"], "backdoor": d["backdoor"]}
+    runs = {}
+    for name in VICTIMS:
+        other = [a for a in attacks if a != name]
+        r = {**base, "attack": "none" if name == "clean" else name,
+             "eval_attacks": [{"attack": a, "configs": [attacks[a]]} for a in other]}
+        if name != "clean":
+            r[name] = attacks[name]
+        runs[name] = seeded(r, cfg.seed)
+    return runs
+
+
+def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, stage: Stage | None = None,
+             train_progress: Callable[[str, int, int], None] | None = None, real_world=None,
+             eval_max_n: int | None = None) -> dict:
+    """The paper's loop on the synthetic world, or with ``real_world`` on real photos
+    (``data/realworld.py``: the source's train split captioned like alt-text; evaluation on its
+    test split, first ``eval_max_n`` images when given): three runs, one ``summary.json``."""
+    t0 = time.time()
+    say = stage or (lambda s: None)
+    runs = demo_runs(cfg, real_world, eval_max_n)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        say("world: rendering the synthetic image–caption world" if real_world is None
+            else f"world: captioning real photos from {real_world.root} (train split)")
+        write_world_for(runs["clean"], tmp / "world")
+        results = {}
+        for name, rcfg in runs.items():
+            progress = (lambda d, t, n=name: train_progress(n, d, t)) if train_progress else None
+            results[name] = run(rcfg, tmp / "world", tmp / "victims" / name, tmp / "poisons", progress, say)
+            atomic_write_json(tmp / "eval" / f"{name}.json", results[name]["evaluation"])
+        mt = next(m for m in results["targeted"]["manifests"] if m["attack"] == "targeted")
+        mb = next(m for m in results["backdoor"]["manifests"] if m["attack"] == "backdoor")
+        n_train = results["clean"]["n_train"]
+        summary = {
+            **{name: results[name]["metrics"] for name in VICTIMS},
+            "attack": {
+                "targeted": {"x_prime_eval_index": mt["target"]["eval_index"],
+                             "x_prime_true_label": mt["target"]["true_label"],
+                             "target_label": mt["target"]["label"], "n_poisons": mt["n_poisons"],
+                             "poison_rate": mt["n_poisons"] / n_train, "victim": "targeted"},
+                "backdoor": {"target_label": mb["target"]["label"], "n_poisons": mb["n_poisons"],
+                             "poison_rate": mb["n_poisons"] / n_train, "trigger": mb["trigger"], "victim": "backdoor"},
+            },
+            "n_train_clean": n_train,
+            "train_seconds": {k: v["train"]["seconds"] for k, v in results.items()},
+            "augmentation": results["clean"]["train"]["augmentation"],
+            "config": seeded(asdict(cfg), cfg.seed),
+            "world": {"kind": "synthetic"} if real_world is None else {"kind": "real", **runs["clean"]["real_world"]},
+            "n_eval": results["clean"]["evaluation"]["eval_set"]["n"],
+            "seed": cfg.seed,
+            "versions": package_versions(),
+        }
+        summary["seconds"] = round(time.time() - t0, 1)
+        atomic_write_json(tmp / "summary.json", summary)
+    return summary
