@@ -398,8 +398,12 @@ def cmd_poison(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from .io import check_distinct_targets, check_out
     from .victims.train import train_victim
 
+    # train_victim checks these too; here they fail before a progress bar is drawn
+    check_distinct_targets(a.poisons, a.allow_shared_label)
+    check_out(a.out, [a.data, *a.poisons], a.overwrite)
     with _progress() as prog:
         task = prog.add_task(f"training {a.model} ({a.backend})", total=None)
         info = train_victim(a.data, a.poisons, _train_cfg(a, a.seed), a.out, overwrite=a.overwrite,
