@@ -8,7 +8,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "clip_poison"
 # Top to bottom; a module may import its own stage or any stage below it.
-LAYERS = ["cli", "experiments", "run", "metrics", "victims", "attacks", "data", "io", "config"]
+LAYERS = ["cli", "experiments", "run", "defenses", "metrics", "victims", "attacks", "data", "io", "config"]
 
 
 def _module(path: Path) -> str:
@@ -67,6 +67,17 @@ def test_victims_never_import_attacks():
     bad = {m: sorted(d for d in deps if d.startswith("clip_poison.attacks"))
            for m, deps in graph().items() if m.startswith("clip_poison.victims")}
     assert not any(bad.values()), bad
+
+
+def test_defenses_sit_above_metrics_and_victims():
+    # Scans read embeddings (metrics) and repairs retrain (victims), so defenses stand on both;
+    # the layer test above then keeps everything below from reaching up into them.
+    assert LAYERS.index("defenses") < min(LAYERS.index("metrics"), LAYERS.index("victims"))
+    assert any(m.startswith("clip_poison.defenses.") for m in graph())
+
+
+def test_detectors_are_pure_functions_on_io_alone():
+    assert graph()["clip_poison.defenses.detectors"] <= {"clip_poison.io"}
 
 
 def test_eval_set_loader_stands_on_io_and_the_webdataset_reader():

@@ -1,0 +1,169 @@
+"""Data-scan detectors (defenses/detectors.py) and their scoring (metrics/detection.py) on tiny
+constructed cases whose answer is known: planted poisons must rank first."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clip_poison.defenses.detectors import DETECTORS, gmm_split, lid_mle, score_pairs
+from clip_poison.io import UserError
+from clip_poison.metrics.detection import detection_metrics
+
+D = 16
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _clustered(n=200, n_out=5, seed=0):
+    """Clean images in 4 tight clusters, plus ``n_out`` isolated random directions at the end."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.normal(size=(4, D)))
+    clean = _unit(centres[np.arange(n) % 4] + 0.1 * rng.normal(size=(n, D)))
+    return np.vstack([clean, _unit(rng.normal(size=(n_out, D)))]), n_out
+
+
+def _top(scores, m):
+    return set(np.argsort(-scores, kind="stable")[:m].tolist())
+
+
+@pytest.mark.parametrize("name", ["k-dist", "slof", "dao"])
+def test_density_detectors_rank_planted_outliers_first(name):
+    emb, m = _clustered()
+    before = emb.copy()
+    s = score_pairs(name, image_emb=emb, k=5)
+    assert s.shape == (len(emb),) and np.isfinite(s).all()
+    assert _top(s, m) == set(range(len(emb) - m, len(emb)))
+    np.testing.assert_array_equal(emb, before)  # input untouched
+    np.testing.assert_array_equal(s, score_pairs(name, image_emb=emb, k=5))  # deterministic
+    is_poison = np.arange(len(emb)) >= len(emb) - m
+    assert detection_metrics(s, is_poison)["roc_auc"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["k-dist", "slof", "dao"])
+def test_repeated_poisons_look_dense_unless_scored_against_a_clean_reference(name):
+    # The targeted attack's pitfall: 8 copies of one x' (> k) are each other's neighbours.
+    clean, _ = _clustered(n_out=0)
+    rng = np.random.default_rng(1)
+    x_prime = _unit(rng.normal(size=(1, D)))
+    poisons = _unit(x_prime + 1e-4 * rng.normal(size=(8, D)))
+    emb = np.vstack([clean, poisons])
+    alone = score_pairs(name, image_emb=emb, k=5)
+    is_poison = np.arange(len(emb)) >= len(clean)
+    assert detection_metrics(alone, is_poison)["roc_auc"] < 0.75  # they hide among clean points
+    ref = clean[:120].copy()  # a clean sample covering all four clusters
+    s = score_pairs(name, image_emb=emb, k=5, reference=ref)
+    assert _top(s, 8) == set(range(len(emb) - 8, len(emb)))
+    np.testing.assert_array_equal(ref, clean[:120])
+
+
+def test_reference_containing_the_scanned_points_drops_them_as_self():
+    emb, m = _clustered()
+    s_self = score_pairs("k-dist", image_emb=emb, k=5)
+    s_ref = score_pairs("k-dist", image_emb=emb, k=5, reference=emb)
+    np.testing.assert_allclose(s_ref, s_self, atol=1e-12)
+
+
+def test_lid_mle_by_hand():
+    # r = (1, 2, 4): mean log(r_i/r_k) = (log 1/4 + log 1/2 + 0)/3 = -log(8)/3 → LID = 3/log 8
+    np.testing.assert_allclose(lid_mle(np.array([[1.0, 2.0, 4.0]]), cap=100), [3 / np.log(8)])
+    assert lid_mle(np.array([[2.0, 2.0, 2.0]]), cap=16)[0] == 16  # all equal: capped, not inf
+
+
+def test_clip_score_sign_and_gmm_split():
+    rng = np.random.default_rng(2)
+    img = _unit(rng.normal(size=(205, D)))
+    txt = _unit(img + 0.2 * rng.normal(size=img.shape))  # clean captions describe their images
+    txt[-5:] = _unit(rng.normal(size=(5, D)))  # poisons: captions of something else (clean model)
+    img0, txt0 = img.copy(), txt.copy()
+    s = score_pairs("clip-score", image_emb=img, text_emb=txt, sign=-1)
+    assert _top(s, 5) == set(range(200, 205))
+    np.testing.assert_allclose(score_pairs("clip-score", image_emb=img, text_emb=txt, sign=1), -s)
+    post = gmm_split(s)
+    assert post[-5:].min() > 0.5 and np.median(post[:-5]) < 0.5
+    np.testing.assert_array_equal(post, gmm_split(s))
+    np.testing.assert_array_equal(img, img0)
+    np.testing.assert_array_equal(txt, txt0)
+    with pytest.raises(UserError, match="sign"):
+        score_pairs("clip-score", image_emb=img, text_emb=txt, sign=0)
+
+
+def _duplicates_case():
+    rng = np.random.default_rng(3)
+    emb = _unit(rng.normal(size=(200, D)))
+    caps = [f"a photo of thing {i}" for i in range(200)]
+    emb[10] = emb[11]  # an innocent duplicate under the same caption: not suspicious
+    caps[11] = caps[10]
+    x_prime = _unit(rng.normal(size=(1, D)))
+    emb = np.vstack([emb, _unit(x_prime + 1e-4 * rng.normal(size=(8, D)))])
+    caps += [f"a photo of a {w}" for w in ("dog", "puppy", "hound", "dog", "pup", "canine", "mutt", "doggo")]
+    return emb, caps
+
+
+def test_near_duplicate_finds_repeated_images_with_other_captions():
+    emb, caps = _duplicates_case()
+    emb0, caps0 = emb.copy(), list(caps)
+    s = score_pairs("near-duplicate", captions=caps, image_emb=emb)
+    assert _top(s, 8) == set(range(200, 208))
+    assert s[10] == s[11] == 0 and (s[:200] == 0).all()
+    # 8 copies, two share "a photo of a dog": those disagree with 6 others, the rest with 7
+    assert sorted(s[200:].tolist()) == [6, 6, 7, 7, 7, 7, 7, 7]
+    np.testing.assert_array_equal(emb, emb0)
+    assert caps == caps0
+
+
+def test_near_duplicate_by_pixel_hash():
+    rng = np.random.default_rng(4)
+    pixels = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(20)]
+    pixels[5:8] = [pixels[5].copy()] * 3  # x' three times
+    caps = [f"c{i}" for i in range(20)]
+    s = score_pairs("near-duplicate", captions=caps, pixels=pixels)
+    assert s.tolist() == [0] * 5 + [2] * 3 + [0] * 12
+
+
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("k-dist", dict(image_emb=np.zeros((0, D))), "non-empty"),
+    ("k-dist", dict(image_emb=np.eye(4), k=4), "k=4"),
+    ("slof", dict(image_emb=np.eye(4), k=0), "k must be"),
+    ("dao", dict(image_emb=np.eye(4), k=1), "k must be"),
+    ("k-dist", dict(image_emb=np.array([[1.0, np.nan], [0, 1], [1, 1]]), k=1), "NaN"),
+    ("k-dist", dict(image_emb=np.eye(4), k=2, reference=np.eye(3)), "dimension"),
+    ("slof", dict(image_emb=np.eye(4), k=3, reference=np.eye(4)[:3]), "reference"),
+    ("clip-score", dict(image_emb=np.eye(4), text_emb=np.eye(4)[:3], sign=1), "same shape"),
+    ("near-duplicate", dict(captions=["a", "b"], image_emb=np.eye(3)), "captions"),
+    ("near-duplicate", dict(captions=["a", "b"]), "needs"),
+    ("near-duplicate", dict(captions=[], image_emb=np.eye(3)), "empty"),
+    ("nope", {}, "unknown detector"),
+])
+def test_bad_inputs_are_user_errors(name, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        score_pairs(name, **kwargs)
+
+
+def test_registry_lists_the_detectors():
+    assert set(DETECTORS) == {"k-dist", "slof", "dao", "clip-score", "near-duplicate"}
+
+
+def test_detection_metrics_by_hand():
+    # positives at 0.9, 0.7, 0.6; negatives at 0.8, 0.5, 0.4.
+    # ROC-AUC: 0.9 beats 3 negatives, 0.7 and 0.6 beat 2 each → 7/9.
+    # AP: precision at each positive 1/1, 2/3, 3/4 → (1 + 2/3 + 3/4)/3 = 29/36.
+    # TPR >= 0.95 needs all 3 positives: threshold 0.6, which also passes 0.8 → FPR 1/3.
+    m = detection_metrics([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [1, 0, 1, 1, 0, 0])
+    assert m["roc_auc"] == pytest.approx(7 / 9)
+    assert m["pr_auc"] == pytest.approx(29 / 36)
+    assert m["fpr_at_95tpr"] == pytest.approx(1 / 3)
+    assert (m["n"], m["n_poison"]) == (6, 3)
+
+
+@pytest.mark.parametrize("scores,labels,match", [
+    ([0.1, 0.2], [1, 1], "both"),
+    ([0.1, 0.2], [1], "one entry"),
+    ([0.1, np.inf], [1, 0], "NaN or infinite"),
+    ([], [], "non-empty"),
+    ([0.1, 0.2], [2, 0], "0/1"),
+])
+def test_detection_metrics_bad_inputs(scores, labels, match):
+    with pytest.raises(UserError, match=match):
+        detection_metrics(scores, labels)
