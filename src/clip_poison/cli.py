@@ -398,17 +398,18 @@ def cmd_poison(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from .io import check_distinct_targets, check_out
     from .victims.train import train_victim
 
-    # train_victim checks these too; here they fail before a progress bar is drawn
-    check_distinct_targets(a.poisons, a.allow_shared_label)
-    check_out(a.out, [a.data, *a.poisons], a.overwrite)
+    tasks: list = []
+
+    def progress(done: int, total: int) -> None:
+        # the bar appears with the first step, so an input error is never printed under an empty bar
+        tasks or tasks.append(prog.add_task(f"training {a.model} ({a.backend})", total=total))
+        prog.update(tasks[0], completed=done, total=total)
+
     with _progress() as prog:
-        task = prog.add_task(f"training {a.model} ({a.backend})", total=None)
         info = train_victim(a.data, a.poisons, _train_cfg(a, a.seed), a.out, overwrite=a.overwrite,
-                            progress=lambda d, t: prog.update(task, completed=d, total=t),
-                            allow_shared_label=a.allow_shared_label)
+                            progress=progress, allow_shared_label=a.allow_shared_label)
     print(f"wrote checkpoint {a.out} ({info['data']['n_clean']} clean + {info['data']['n_poisons']} poison pairs, "
           f"{info['seconds']:.0f} s); load it with open_clip.create_model_and_transforms('local-dir:{a.out}')")
     return 0
