@@ -165,7 +165,7 @@ def main() -> int:
              f"trains a victim in {1 / speedup:.2f}× the wall time of open_clip_train, i.e. **{speedup:.2f}× the victims "
              f"per hour** (median; range {min(ratios):.2f}–{max(ratios):.2f}× over the repeats).", "",
              f"Roofline (2048² fp32 matmul loop): {peak:.1f} GFLOP/s. Model: {fps / 1e6:.1f} MFLOP per training sample.", "",
-             "| arm | wall s / victim (median) | all runs | victims / hour | vs open_clip_train CLI | startup s | data s | "
+             "| arm | wall s / victim (median) | all runs | victims / hour | vs open_clip_train CLI (ratio of medians; headline: median of per-repeat ratios) | startup s | data s | "
              "train s | fwd+bwd s | optimizer s | checkpoint s | samples/s (train) | % roofline (train) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     f = lambda r, k: f"{r[k]:.2f}" if k in r else "–"  # noqa: E731

@@ -142,7 +142,7 @@ def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress 
     probe_train = (None if probe_n is None or ("real_world" in cfg and not probe_n)
                    else load_probe_train(world, "train", int(probe_n) or None))
     size, n_targets, seed, attack = image_size(cfg["train"]["model"]), int(cfg.get("n_targets", 1)), cfg["seed"], cfg["attack"]
-    say(f"attacks: crafting the poison sets of the {attack} victim")
+    say(f"attacks: crafting the poison sets of the {attack if attack != 'none' else 'clean'} victim")
     sets = ([(attack, cfg[attack])] if attack != "none" else []) + _eval_attacks(cfg)
     dirs = [craft(a, acfg, n_targets, seed, train, evalset, size, poisons) for a, acfg in sets]
     train_dirs = dirs[:1] if attack != "none" else []
