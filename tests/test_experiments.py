@@ -370,3 +370,21 @@ def test_similarity_figure_leaves_zero_probability_bins_off_the_log_axis():
             assert (path.vertices[:, 1] > 0).all()
     right = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
     assert "poisoned victims: z = 1.50 ± 0.50" in right
+
+
+def test_late_field_keeps_old_ids_until_set():
+    """A config field added later (config.late) is left out of ids while at its default."""
+    import dataclasses
+    from clip_poison.config import late, stable_id, to_dict
+
+    @dataclasses.dataclass
+    class Old:
+        a: int = 1
+
+    @dataclasses.dataclass
+    class New:
+        a: int = 1
+        b: float = late(0.0)
+
+    assert to_dict(New()) == to_dict(Old()) and stable_id(New()) == stable_id(Old())
+    assert stable_id(New(b=0.5)) != stable_id(Old()) and to_dict(New(b=0.5))["b"] == 0.5

@@ -5,6 +5,7 @@ comment says what the paper used and why we differ.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -169,8 +170,22 @@ class DemoConfig:
     seed: int = SEED
 
 
+def late(default: Any):
+    """A field added after results were committed: while it holds its default it is left out of
+    ``to_dict`` (so out of run ids, poison-set ids and stored configs), and every run made before
+    the field existed keeps its id. Set to anything else, it is recorded like any field."""
+    return field(default=default, metadata={"late": True})
+
+
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """``dataclasses.asdict`` without the ``late`` fields that hold their default."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.metadata.get("late") and v == f.default:
+            continue
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v)
+    return out
 
 
 def stable_id(obj: Any, length: int = 12) -> str:

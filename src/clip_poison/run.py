@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .config import BackdoorConfig, DemoConfig, TargetedConfig, TrainConfig, stable_id
+from .config import BackdoorConfig, DemoConfig, TargetedConfig, TrainConfig, stable_id, to_dict
 from .io import UserError, atomic_dir, atomic_write_json, package_versions, rng_for
 
 Stage = Callable[[str], None]
@@ -189,8 +188,8 @@ VICTIMS = ("clean", "targeted", "backdoor")
 def demo_runs(cfg: DemoConfig, real_world=None, eval_max_n: int | None = None) -> dict[str, dict]:
     """The demo as run configs: a clean, a targeted-only and a backdoor-only victim of one seed,
     each measured against both attacks (the clean one is the baseline for both)."""
-    d = seeded(asdict(cfg), cfg.seed)
-    base = {"world": d["world"]} if real_world is None else {"real_world": asdict(real_world)}
+    d = seeded(to_dict(cfg), cfg.seed)
+    base = {"world": d["world"]} if real_world is None else {"real_world": to_dict(real_world)}
     base.update(train=d["train"], eval={"max_n": eval_max_n, "probe_n": None})  # the demo fits no probe
     attacks = {"targeted": d["targeted"], "backdoor": d["backdoor"]}
     runs = {}
@@ -238,7 +237,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, overwrite: bool = False, stage: S
             "n_train_clean": n_train,
             "train_seconds": {k: v["train"]["seconds"] for k, v in results.items()},
             "augmentation": results["clean"]["train"]["augmentation"],
-            "config": seeded(asdict(cfg), cfg.seed),
+            "config": seeded(to_dict(cfg), cfg.seed),
             "world": {"kind": "synthetic"} if real_world is None else {"kind": "real", **runs["clean"]["real_world"]},
             "n_eval": results["clean"]["evaluation"]["eval_set"]["n"],
             "seed": cfg.seed,

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from ..config import (BackdoorConfig, EvalConfig, RealWorldConfig, TargetedConfig, TrainConfig, WorldConfig,
-                      stable_id)
+                      stable_id, to_dict)
 from ..io import UserError
 from ..run import SEEDED_SECTIONS, seeded
 
@@ -221,7 +221,7 @@ def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> 
             obj = SECTIONS[sec](**vals)
         except TypeError as e:
             raise UserError(f"sweep {spec.name}: bad {sec} config ({e})") from None
-        d = dataclasses.asdict(obj)
+        d = to_dict(obj)
         if "crop_scale" in d:
             d["crop_scale"] = list(d["crop_scale"])
         cfg[sec] = d
