@@ -16,6 +16,7 @@ from .io import UserError, atomic_write_json, check_out
 
 D_W, D_T, D_B, D_R = WorldConfig(), TargetedConfig(), BackdoorConfig(), TrainConfig()
 D_X, D_RW = TextConfig(), RealWorldConfig()
+DEFAULT_DETECTORS_CLI = ("near-duplicate", "k-dist", "slof", "dao", "clip-score")
 CAPTION_FIELDS = ("p_class_word", "p_synonym", "p_noisy_pair", "p_context", "p_distractor")
 
 
@@ -240,6 +241,33 @@ def build_parser() -> argparse.ArgumentParser:
              "clip-poison report runs/sweeps/fig4-quick")
     p.add_argument("results", help="a sweep folder or its results/ folder")
     p.add_argument("--out", default=None, help="report folder (default: the sweep folder)")
+
+    sc = subs.add_parser("scan", help="scan a training set for poisons (data) or a checkpoint for a backdoor (model)",
+                         description="defenses: scan a training set for poisons, or a model for a backdoor")
+    scsubs = sc.add_subparsers(dest="scan", required=True)
+    p = _sub(scsubs, "data", "score every training pair with the data-scan detectors (higher = more suspicious); "
+             "with --poisons, ROC-AUC, PR-AUC and FPR@95%%TPR per detector and poison set",
+             "clip-poison scan data --data runs/world/train.csv --poisons runs/p_bd --checkpoint runs/victim --out runs/scan")
+    p.add_argument("--data", required=True, help="clean training data: OpenCLIP CSV or webdataset shards; only read")
+    p.add_argument("--poisons", nargs="*", default=[],
+                   help="poison sets trained on with --data (the scanned set is data + poisons, as `train` composes it; "
+                        "their manifests are the truth)")
+    p.add_argument("--checkpoint", required=True, help="open_clip local-dir checkpoint that embeds the pairs "
+                   "(the victim trained on this data, or a clean model with --clean-model)")
+    p.add_argument("--detectors", default=",".join(DEFAULT_DETECTORS_CLI),
+                   help="comma list of detectors (loss-dynamics needs a victim trained with --record-pair-loss)")
+    p.add_argument("--k", type=POS_INT, default=10, help="neighbours of k-dist, slof and dao")
+    p.add_argument("--reference", default=None, help="clean labelled images (wds or ImageFolder) the density "
+                   "detectors also score against (columns NAME+ref); never images of the scanned set")
+    p.add_argument("--reference-split", default="test")
+    p.add_argument("--reference-n", type=POS_INT, default=2000, help="first N reference images")
+    p.add_argument("--clean-model", action="store_true",
+                   help="the checkpoint is a clean reference model: clip-score flags pairs that agree badly (sign -1)")
+    p.add_argument("--top", type=POS_INT, default=1000, help="rows per detector in ranked.csv")
+    _add_outside_arg(p)
+    p.add_argument("--seed", type=int, default=SEED, help="seed of the GMM split")
+    p.add_argument("--out", required=True, help="new folder for scores.parquet, pairs.parquet, ranked.csv, metrics.json")
+    p.add_argument("--overwrite", action="store_true")
 
     p = _sub(subs, "list", "list registered victims (with the size ladder) and training-recipe presets",
              "clip-poison list models")
@@ -499,6 +527,33 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_scan(a) -> int:
+    from rich.console import Console
+
+    from .defenses.scan_data import check_detectors, scan_data
+
+    if a.scan != "data":
+        return SCANS[a.scan](a)
+    detectors = check_detectors([d.strip() for d in a.detectors.split(",") if d.strip()])
+    with _progress() as prog:
+        task = prog.add_task("scan: embedding the training pairs", total=None)
+        m = scan_data(a.data, a.checkpoint, a.out, a.poisons, detectors, k=a.k, reference=a.reference,
+                      reference_split=a.reference_split, reference_n=a.reference_n, clean_model=a.clean_model,
+                      top=a.top, overwrite=a.overwrite, seed=a.seed,
+                      progress=lambda done, _t: prog.update(task, completed=done))
+    c = Console()
+    for det, per in m["detection"].items():
+        for name, v in per.items():
+            if name != "gmm_split":
+                c.print(f"{det:>18} on {name}: ROC-AUC {v['roc_auc']:.3f}, PR-AUC {v['pr_auc']:.3f}, "
+                        f"FPR@95%TPR {v['fpr_at_95tpr']:.3f} ({v['n_poison']} poisons, {v['n'] - v['n_poison']} clean)")
+    c.print(f"scanned {m['n_rows']} pairs with {', '.join(m['detectors'])} in {m['seconds']:.0f} s; wrote {a.out}")
+    return 0
+
+
+SCANS: dict = {}
+
+
 def cmd_list(a) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -534,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {"demo": cmd_demo, "world": cmd_world, "poison": cmd_poison, "train": cmd_train,
                 "evaluate": cmd_evaluate, "list": cmd_list,
-                "sweep": cmd_sweep, "report": cmd_report}
+                "sweep": cmd_sweep, "report": cmd_report, "scan": cmd_scan}
     from .data.csvdata import ALLOW_OUTSIDE_PATHS
 
     token = ALLOW_OUTSIDE_PATHS.set(getattr(args, "allow_outside_paths", False))

@@ -155,6 +155,26 @@ class EvalConfig:
     probe_n: int | None = 0
 
 
+@dataclass
+class ScanDataConfig:
+    """The data scan of a run's training set (``defenses/scan_data.py``), a sweep's ``defense.scan_data``."""
+
+    detectors: list = field(default_factory=lambda: ["near-duplicate", "k-dist", "slof", "dao", "clip-score"])
+    # k of k-dist, slof and dao (Huang et al. use 16 on CC3M; 10 here, where a class has ~1,000 images).
+    k: int = 10
+    # Clean images the density detectors also score against ("<name>+ref"): test-split photos after
+    # the eval subset for real worlds (never trained on, never an x'), fresh renders for synthetic ones.
+    reference_n: int = 2000
+
+
+@dataclass
+class ScanModelConfig:
+    """The blind model scan of a run's victim (``defenses/model_scan.py``), ``defense.scan_model``."""
+
+    # Clean unlabelled images the trigger is inverted on (half) and its z-score measured on (half).
+    max_images: int = 512
+
+
 # Labelled images a synthetic world renders for the linear probe when no size is asked.
 PROBE_N = 2000
 # Image pairs sampled for Figure 3's histograms (§5.1); fewer pairs than this are all used.

@@ -11,10 +11,12 @@ A run config is a plain dict (what sweeps store and hash into run ids, ``experim
                             crafted for its manifest): {"attack", "configs"} or a list of them
     eval                    ``config.EvalConfig`` (eval subset size, probe size)
     analyses                ["similarity"]: Figure 3's data (§5.1)
+    defense                 {"scan_data": config.ScanDataConfig, "scan_model": model-scan settings}:
+                            the defense step after evaluation (``defend``)
 
 ``run`` is the loop; ``run_demo`` is three runs (clean, targeted-only, backdoor-only victims) on one
-world, and a sweep (``experiments/runner.py``) is many. Every stage added later (a defense) is one
-more step here.
+world, and a sweep (``experiments/runner.py``) is many. Every stage is one step here, the defenses
+included (``defend``: scans of the training set and of the victim).
 """
 from __future__ import annotations
 
@@ -112,6 +114,37 @@ def headline(r: dict) -> dict:
     return out
 
 
+def defend(cfg: dict, world: Path, victim: Path, train_dirs: list[Path]) -> dict:
+    """The defense step: the data scan of a poisoned victim's training set (a clean victim's has
+    nothing to find) and the blind model scan of every victim, both on clean images the defender
+    may assume (``load_clean_reference``: never trained on, never an x')."""
+    from .data.worldfolder import load_clean_reference
+    from .defenses.scan_data import scan_run
+
+    d, ev = cfg["defense"], cfg.get("eval") or {}
+    sd, sm = d.get("scan_data"), d.get("scan_model")
+    n_ref = max(sd["reference_n"] if sd else 0, sm["max_images"] if sm else 0)
+    ref = load_clean_reference(world, ev.get("max_n"), n_ref).images if n_ref else None
+    out = {}
+    if sd and train_dirs:
+        out["scan_data"] = scan_run(world / "train.csv", train_dirs, victim, ref[:sd["reference_n"]] if ref else None,
+                                    sd, cfg["seed"], bool(cfg["train"].get("record_pair_loss")))
+    if sm:
+        from .defenses.model_scan import scan_model_run
+        out["scan_model"] = scan_model_run(victim, ref[:sm["max_images"]], sm, cfg["seed"])
+    return out
+
+
+def defense_headline(d: dict) -> dict:
+    """Flat columns of the defense step for the report's table: ``scan/<detector>/<metric>`` and
+    ``model_scan/pl1``, ``model_scan/z``."""
+    out = {f"scan/{det}/{m}": v[m] for det, v in (d.get("scan_data") or {}).get("detectors", {}).items()
+           for m in ("roc_auc", "pr_auc", "fpr_at_95tpr")}
+    if "scan_model" in d:
+        out.update({f"model_scan/{m}": d["scan_model"][m] for m in ("pl1", "z")})
+    return out
+
+
 def _eval_attacks(cfg: dict) -> list[tuple[str, dict]]:
     ev = cfg.get("eval_attacks") or []
     return [(e["attack"], a) for e in ([ev] if isinstance(ev, dict) else ev) for a in e["configs"]]
@@ -172,6 +205,10 @@ def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress 
         "train": {k: v for k, v in info.items() if k not in ("model_cfg", "recipe", "versions", "data")},
         "eval_seconds": ev["seconds"],
     }
+    if cfg.get("defense"):
+        say("defenses: scanning the training set and the victim")
+        result["defense"] = defend(cfg, world, victim, train_dirs)
+        result["metrics"].update(defense_headline(result["defense"]))
     if similarity:  # Figure 3 (§5.1), from the evaluation's own cached embeddings
         b = ev["backdoor"][0]
         result["similarity"] = {"available": True, "trigger": b["trigger"],

@@ -79,3 +79,26 @@ def load_probe_train(path: str | Path, split: str = "train", max_n: int | None =
             return synthetic_probe_split(path, max_n or PROBE_N)
         return load_evalset(info["source"]["root"], split, max_n)
     return load_evalset(path, split, max_n)
+
+
+def load_clean_reference(world_dir: str | Path, eval_max_n: int | None, n: int) -> EvalSet:
+    """Clean images a defense may assume it has (the density detectors' reference, the model scan's
+    images): never trained on and never an attack's x'. Real-photo worlds: the eval split's images
+    after the first ``eval_max_n`` (x' are drawn from those first ones; the whole split is never
+    trained on). Synthetic worlds: ``n`` freshly rendered images (the probe split's stream)."""
+    info_path = Path(world_dir) / "world.json"
+    if not info_path.is_file():
+        raise UserError(f"{world_dir} has no world.json; make one with `clip-poison world`")
+    info = json.loads(info_path.read_text())
+    if info.get("kind", "synthetic") == "synthetic":
+        return synthetic_probe_split(world_dir, n)
+    if eval_max_n is None:
+        raise UserError("a real-photo world evaluated on its whole eval split has no clean images left for a "
+                        "defense's reference; set eval.max_n below the split's size")
+    root, split = world_eval_pointer(world_dir)
+    ev = load_wds_evalset(root, split, eval_max_n + n)
+    if len(ev.images) <= eval_max_n:
+        raise UserError(f"the eval split of {root} has only {len(ev.images)} images, none after the first "
+                        f"{eval_max_n} (the eval subset) for a defense's reference; lower eval.max_n")
+    return EvalSet(ev.images[eval_max_n:], ev.labels[eval_max_n:], ev.classnames, ev.templates,
+                   ev.keys[eval_max_n:] if ev.keys else [], source=ev.source, split=f"{split}[{eval_max_n}:]")

@@ -321,6 +321,50 @@ def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str], axis_va
     return lines + [_md_table(t), ""] if not t.empty else []
 
 
+SCAN_METRICS = {"roc_auc": "ROC-AUC (higher is better; 0.5 = chance)", "pr_auc": "PR-AUC (average precision; "
+                "chance = the poison fraction)", "fpr_at_95tpr": "FPR at 95 % TPR (clean pairs a filter drops to "
+                "remove 95 % of the poisons; lower is better)"}
+
+
+def detection_md(df: pd.DataFrame, axes: list[str], axis_values: dict | None = None) -> list[str]:
+    """The data scan (columns ``scan/<detector>/<metric>``): per metric one table, a row per detector,
+    a column per point of the attack's axes, each cell the mean over seeds [95 % t interval]."""
+    from ..metrics.stats import summarize
+
+    cols = [c for c in df.columns if c.startswith("scan/")]
+    if not cols:
+        return []
+    pois = df[~df["clean"]]
+    attack_axes = [a for a in axes if a in pois.columns]
+    detectors = list(dict.fromkeys(c.split("/")[1] for c in cols))
+    rank = {a: {v: i for i, v in enumerate((axis_values or {}).get(a) or [])} for a in attack_axes}
+    groups = sorted(pois.groupby(attack_axes or ["clean"], dropna=False),
+                    key=lambda kg: tuple(rank.get(a, {}).get(v, 0) for a, v in
+                                         zip(attack_axes, kg[0] if isinstance(kg[0], tuple) else (kg[0],))))
+    lines = ["## Data scan: detecting the poisons in the training set", "",
+             "Every poisoned victim's training set (clean pairs + its poison set) scanned by each detector under "
+             "the victim's own embeddings (`clip-poison scan data`); `+ref`: scored against clean reference "
+             "images instead of the scanned set itself. Mean over seeds [95 % t interval].", ""]
+    for metric, what in SCAN_METRICS.items():
+        rows = []
+        for det in detectors:
+            c = f"scan/{det}/{metric}"
+            if c not in pois.columns:
+                continue
+            row = {"detector": det}
+            for key, g in groups:
+                key = key if isinstance(key, tuple) else (key,)
+                label = ", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(attack_axes, key)) or "poisoned"
+                v = g[c].dropna().to_numpy(float)
+                if v.size:
+                    sm = summarize(v)
+                    row[label] = (f"{sm['mean']:.3f} [{sm['ci_low']:.3f}, {sm['ci_high']:.3f}] (n={v.size})"
+                                  if v.size > 1 else f"{sm['mean']:.3f} (n=1)")
+            rows.append(row)
+        lines += [f"### {what}", "", _md_table(pd.DataFrame(rows)), ""]
+    return lines
+
+
 def _md_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -384,6 +428,7 @@ def build_report(sweep_or_results: str | Path, out: str | Path | None = None) ->
     summ.insert(0, "seeds", g["seed"].nunique())
     md += ["## Summary (mean ± std over seeds)", "", _md_table(summ.reset_index()), ""]
     md += statistics_md(df, axes, metrics, meta.get("axes"))
+    md += detection_md(df, axes, meta.get("axes"))
     cols = ["run_id", "seed", "clean"] + axes + ["n_poisons", "poison_rate"] + metrics
     runs = df[[c for c in dict.fromkeys(cols) if c in df.columns]].copy()
     runs["run_id"] = [f"[{i}](results/{i}.json)" for i in runs["run_id"]]

@@ -51,7 +51,7 @@ ATTACKS = ("backdoor", "targeted")
 # Fields a run's seed sets (one seed per run); a spec may not put them in base or axes.
 SEEDED = {f"{sec}.seed" for sec in SEEDED_SECTIONS}
 TOP_KEYS = {"name", "figure", "description", "attack", "base", "axes", "seeds", "clean_control",
-            "keep_checkpoints", "resources", "sizes", "report", "n_targets", "analyses"}
+            "keep_checkpoints", "resources", "sizes", "report", "n_targets", "analyses", "defense"}
 ANALYSES = ("similarity",)
 
 
@@ -70,6 +70,8 @@ class SweepSpec:
     n_targets: int = 1
     # Extra per-run analyses: "similarity" stores Figure 3's pair-similarity data (§5.1).
     analyses: list[str] = field(default_factory=list)
+    # The defense step of every run (run.defend): {"scan_data": {...}, "scan_model": {...}}, resolved.
+    defense: dict = field(default_factory=dict)
     resources: dict = field(default_factory=lambda: {"num_cpus": 1, "num_gpus": 0})
     report: dict = field(default_factory=dict)
     size: str | None = None
@@ -199,12 +201,35 @@ def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec")
     analyses = list(raw.get("analyses") or [])
     if set(analyses) - set(ANALYSES):
         raise UserError(f"{where}: unknown analyses {sorted(set(analyses) - set(ANALYSES))}; available {ANALYSES}")
-    return SweepSpec(name=str(raw["name"]), analyses=analyses, attack=raw["attack"], base=base, axes=axes, seeds=seeds,
+    defense = resolve_defense(_mapping(raw, "defense", where), where)
+    return SweepSpec(name=str(raw["name"]), analyses=analyses, defense=defense, attack=raw["attack"], base=base, axes=axes, seeds=seeds,
                      figure=str(raw.get("figure", "")), description=str(raw.get("description", "")).strip(),
                      clean_control=bool(raw.get("clean_control", True)),
                      keep_checkpoints=bool(raw.get("keep_checkpoints", False)), n_targets=n_targets,
                      resources={"num_cpus": 1, "num_gpus": 0, **_mapping(raw, "resources", where)},
                      report=_mapping(raw, "report", where), size=size)
+
+
+def resolve_defense(d: dict, where: str) -> dict:
+    """``defense:`` with every field of its scans filled in (``ScanDataConfig``, ``ScanModelConfig``),
+    so a run's config (and id) says exactly what was scanned and how."""
+    from ..config import ScanDataConfig, ScanModelConfig
+    from ..defenses.detectors import DETECTORS
+
+    kinds = {"scan_data": ScanDataConfig, "scan_model": ScanModelConfig}
+    out = {}
+    for name, vals in d.items():
+        if name not in kinds or not isinstance(vals, dict):
+            raise UserError(f"{where}: defense.{name} is not a scan; use {sorted(kinds)}, each a mapping of its settings")
+        try:
+            out[name] = to_dict(kinds[name](**vals))
+        except TypeError as e:
+            raise UserError(f"{where}: bad defense.{name} ({e}); its fields are "
+                            f"{sorted(f.name for f in dataclasses.fields(kinds[name]))}") from None
+    bad = [x for x in (out.get("scan_data") or {}).get("detectors", []) if x not in DETECTORS]
+    if bad:
+        raise UserError(f"{where}: unknown detectors {bad} in defense.scan_data; available: {sorted(DETECTORS)}")
+    return out
 
 
 def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> dict:
@@ -229,6 +254,8 @@ def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> 
     cfg = seeded(cfg, seed)
     if spec.analyses:
         cfg["analyses"] = list(spec.analyses)
+    if spec.defense:
+        cfg["defense"] = copy.deepcopy(spec.defense)
     if attack == "targeted":
         cfg["n_targets"] = spec.n_targets
     return cfg
