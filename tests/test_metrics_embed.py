@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_poison.attacks.triggers import make_trigger
+from clip_poison.attacks.triggers import get_trigger, trigger_names
 from clip_poison.data.evalsets import load_evalset
 from clip_poison.metrics.embed import EmbeddingCache, embed_images, identity_input_size
 from clip_poison.victims.models import register_victims
@@ -31,13 +31,14 @@ def test_vectorised_path_equals_open_clip_preprocess_exactly(model_and_preproces
     assert np.array_equal(ours, embed_images(model, pre, images, batch_size=16, vectorised=False))
 
 
-def test_vectorised_trigger_stamping_equals_pil_path(model_and_preprocess, tiny_world):
+@pytest.mark.parametrize("name", trigger_names())
+def test_vectorised_trigger_stamping_equals_pil_path(model_and_preprocess, tiny_world, name):
     model, pre = model_and_preprocess
     images = load_evalset(tiny_world / "eval").images[:20]
-    patch = make_trigger("checkerboard", 4)
-    pos = [(i % 28, (3 * i) % 28) for i in range(20)]
-    a = embed_images(model, pre, images, patch, pos, vectorised=True)
-    b = embed_images(model, pre, images, patch, pos, vectorised=False)
+    trigger = get_trigger(name, 4, 32)
+    pos = [(i % 28, (3 * i) % 28) for i in range(20)]  # patch corners, or full-image shifts
+    a = embed_images(model, pre, images, trigger, pos, vectorised=True)
+    b = embed_images(model, pre, images, trigger, pos, vectorised=False)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, embed_images(model, pre, images))  # the trigger is really there
 

@@ -11,7 +11,7 @@ before relying on them, so it cannot pass vacuously.
 import numpy as np
 import pytest
 
-from clip_poison.attacks.triggers import make_trigger
+from clip_poison.attacks.triggers import get_trigger
 from clip_poison.config import TrainConfig, WorldConfig
 from clip_poison.data.evalsets import EvalSet
 from clip_poison.metrics.embed import embed_images
@@ -46,7 +46,7 @@ def test_clean_model_backdoor_asr_is_near_its_base_rate(tmp_path):
     model, pre, tok = load_victim(tmp_path / "v")
     w = zero_shot_weights(model, tok, names, list(EVAL_TEMPLATES))
     clean_pred = zero_shot_predict(embed_images(model, pre, images), w)
-    trig_pred = zero_shot_predict(embed_images(model, pre, images, make_trigger("checkerboard", 4),
+    trig_pred = zero_shot_predict(embed_images(model, pre, images, get_trigger("checkerboard", 4, 32),
                                                [(0, 0)] * len(images)), w)
     other = labels != t
     base = float(np.mean(clean_pred[other] == t))

@@ -15,7 +15,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from clip_poison.attacks.backdoor import craft_backdoor_poisons
 from clip_poison.io import read_manifest, resize_to_input
-from clip_poison.attacks.triggers import TRIGGERS, apply_trigger, make_trigger
+from clip_poison.attacks.triggers import TRIGGERS, apply_trigger, load_trigger, make_trigger, trigger_names
 from clip_poison.config import BackdoorConfig, DemoConfig, TrainConfig, WorldConfig
 from clip_poison.data.csvdata import write_csv_dataset
 from clip_poison.data.evalsets import load_evalset, write_wds_evalset
@@ -141,24 +141,23 @@ class _Recorder(torch.nn.Module):
         return torch.ones(len(x), 2)
 
 
+@pytest.mark.parametrize("trigger", trigger_names())
 @pytest.mark.parametrize("which", ["larger than the input (PIL path)", "at the input size (vectorised path)"])
-def test_evaluation_stamping_equals_the_stored_poison_png(big_bases, tiny_world, tmp_path, which):
+def test_evaluation_stamping_equals_the_stored_poison_png(big_bases, tiny_world, tmp_path, which, trigger):
     if which.startswith("larger"):
-        root, images, m = big_bases
+        root, images, _ = big_bases
     else:
         root = tiny_world
         images = [decode_image((tiny_world / f).read_bytes()) for f in pd.read_csv(tiny_world / "train.csv")["filepath"]]
-        m = craft_backdoor_poisons(BackdoorConfig(n_poisons=6, placement="random"), tiny_world / "train.csv", 32,
-                                   tmp_path / "p")
-        root = tmp_path
+    m = craft_backdoor_poisons(BackdoorConfig(n_poisons=6, trigger=trigger, patch_size=4, placement="random"),
+                               root / "train.csv", 32, tmp_path / "p")
     register_victims()
     _, _, pre = open_clip.create_model_and_transforms("rn-tiny-32")
-    patch = make_trigger(m["trigger"]["name"], m["trigger"]["patch_size"])
     rec = _Recorder()
     bases = [images[p["base_index"]] for p in m["poisons"]]
-    embed_images(rec, pre, bases, patch, [tuple(p["position"]) for p in m["poisons"]])
+    embed_images(rec, pre, bases, load_trigger(m["trigger"], 32), [tuple(p["position"]) for p in m["poisons"]])
     evaluated = torch.cat(rec.seen)
-    from_png = torch.stack([pre(Image.open(root / "p" / p["file"])) for p in m["poisons"]])
+    from_png = torch.stack([pre(Image.open(tmp_path / "p" / p["file"])) for p in m["poisons"]])
     assert torch.equal(evaluated, from_png)  # the same pixels, bit for bit
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import (CAPTION_KEY, FIG3_MAX_PAIRS, IMG_KEY, MAX_TARGETED_POISONS, PROBE_N, SEED, BackdoorConfig,
                      CraftOptions, DemoConfig, RealWorldConfig, TargetedConfig, TextConfig, TrainConfig, WorldConfig)
+from .attacks.triggers import BLEND_ALPHA, SIG_DELTA, SIG_FREQUENCY, trigger_names
 from .io import UserError, atomic_write_json, check_out
 
 D_W, D_T, D_B, D_R = WorldConfig(), TargetedConfig(), BackdoorConfig(), TrainConfig()
@@ -168,14 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="captions mined from the training set, or CLIP's 80 ImageNet templates")
     t.add_argument("--noise-sigma", type=NONNEG_FLOAT, default=D_T.noise_sigma, help="Gaussian noise per copy (pixel units) to evade exact dedup")
     craft_args(t, D_T.seed)
-    b = _sub(psubs, "backdoor", "§3.3 patch backdoor: training images with a checkerboard, captions about y'",
+    b = _sub(psubs, "backdoor", "§3.3 backdoor: training images with a trigger (the paper's checkerboard patch, or a "
+             "full-image blended / SIG pattern), captions about y'",
              "clip-poison poison backdoor --data runs/world/train.csv --label tent --n-poisons 100 --out runs/p_bd")
     _add_csv_args(b)
     b.add_argument("--label", default=D_B.target_label, help="target label y'")
     b.add_argument("--n-poisons", type=POS_INT, default=D_B.n_poisons, help="poisons (paper: 300 of 3M = 0.01%%)")
-    b.add_argument("--trigger", default=D_B.trigger, help="trigger pattern")
+    b.add_argument("--trigger", choices=trigger_names(), default=D_B.trigger,
+                   help="checkerboard = the paper's patch; blended = Chen et al. 2017 (noise blended in with "
+                        f"α = {BLEND_ALPHA}); sig = Barni et al. 2019 (sine stripes, Δ = {SIG_DELTA}, f = {SIG_FREQUENCY}); "
+                        "the full-image ones ignore --patch-size")
     b.add_argument("--patch-size", type=POS_INT, default=D_B.patch_size, help="patch side in pixels at the model input size (paper: 16 at 224)")
-    b.add_argument("--placement", choices=["consistent", "random"], default=D_B.placement, help="upper-left, or uniform per image")
+    b.add_argument("--placement", choices=["consistent", "random"], default=D_B.placement,
+                   help="upper-left, or uniform per image (full-image triggers: as is, or circularly shifted per image)")
     b.add_argument("--model", default=D_R.model, help="victim model whose input size the trigger is stamped at")
     b.add_argument("--base-pool", default=None,
                    help="held-out CSV (or shards) to take base images from instead of --data; captions still mined from --data")
@@ -415,8 +421,10 @@ def cmd_poison(a) -> int:
         cfg = BackdoorConfig(target_label=a.label, n_poisons=a.n_poisons, trigger=a.trigger,
                              patch_size=a.patch_size, placement=a.placement, seed=a.seed)
         m = craft_backdoor_poisons(cfg, train, image_size(a.model), a.out, overwrite=a.overwrite, options=opt)
+        t = m["trigger"]
         print(f"wrote {m['n_poisons']} backdoor poisons ({m['format']}, mode {m['mode']}) to {a.out}: "
-              f"{a.patch_size}px {a.trigger} ({a.placement}) → {a.label!r}; caption set of {m['caption_set']['size']}")
+              + (f"full-image {t['name']} {t['params']}" if t.get("full_image") else f"{t['patch_size']}px {t['name']}")
+              + f" ({a.placement}) → {a.label!r}; caption set of {m['caption_set']['size']}")
     else:
         cfg = TextConfig(caption=a.caption, target_label=a.label, n_poisons=a.n_poisons, seed=a.seed)
         m = craft_text_poisons(cfg, train, a.out, overwrite=a.overwrite, options=opt)
@@ -475,7 +483,7 @@ def cmd_evaluate(a) -> int:
         parts = [f"ASR {b[p]['asr']:.1%} ({p})" for p in ("consistent", "random") if "asr" in b[p]]
         parts += [f"probe ASR {b[p]['probe']['asr']:.1%} ({p})" for p in ("consistent", "random") if "probe" in b[p]]
         parts += [f"z = {b['consistent']['z']['z']:.2f}"] if "z" in b["consistent"] else []
-        c.print(f"backdoor → {b['label']!r}: " + ", ".join(parts))
+        c.print(f"backdoor ({b['trigger']['name']}) → {b['label']!r}: " + ", ".join(parts))
     for x in r.get("text", []):
         c.print(f"text: {x['caption']!r} → {x['label']!r}: nearest class centroid "
                 f"{'is' if x['centroid']['success'] else 'is not'} y' (rank {x['centroid']['target_rank']}), "

@@ -305,7 +305,7 @@ def check_distinct_targets(poison_dirs: list[str | Path], allow_shared: bool = F
 def check_stamped_size(manifest: dict, image_size: int, where) -> None:
     """Refuse a backdoor set stamped at another input size than the model's: training would resample
     its exact trigger cells into grey, and evaluation would stamp a patch that covers another
-    fraction of the image than the poisons did."""
+    fraction of the image (or a full-image pattern made for another size) than the poisons did."""
     stamped = (manifest.get("trigger") or {}).get("image_size")
     if manifest.get("attack") == "backdoor" and stamped is not None and int(stamped) != int(image_size):
         raise UserError(f"backdoor poison set {where} was stamped at {stamped}x{stamped} px but the model's input is "

@@ -1,5 +1,6 @@
-"""§3.3 patch backdoor: P = {(x_i ⊕ bd, c_i)}, x_i clean images (from X, or a held-out pool),
-c_i captions mined from the training data for y'."""
+"""§3.3 backdoor: P = {(x_i ⊕ bd, c_i)}, x_i clean images (from X, or a held-out pool),
+c_i captions mined from the training data for y'; bd the paper's patch or a full-image trigger
+(``attacks/triggers.py``)."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -11,13 +12,13 @@ from ..data.sources import caption_set, open_training_data
 from ..io import UserError, resize_to_input, rng_for
 from .evasion import CaptionEvasion, evade_captions
 from .poisonset import check_mode_format, replaced_rows, select_captions, write_poison_set
-from .triggers import apply_trigger, make_trigger, trigger_position
+from .triggers import get_trigger
 
 
 def craft_backdoor_poisons(cfg: BackdoorConfig, train, image_size: int, out: str | Path,
                            overwrite: bool = False, options: CraftOptions | None = None) -> dict:
     """Stamp the trigger on ``cfg.n_poisons`` distinct base images (resized to the model's
-    ``image_size`` first) and pair each with a caption mined from the training data for y'
+    ``image_size`` first; a full-image trigger ignores ``cfg.patch_size``) and pair each with a caption mined from the training data for y'
     (§3.3: only captions found in the training set, no knowledge of zero-shot prompts).
 
     ``train`` is a CSV path, webdataset spec, ``CsvDataset`` or opened training data; only the
@@ -28,8 +29,8 @@ def craft_backdoor_poisons(cfg: BackdoorConfig, train, image_size: int, out: str
     ev.validate()
     if cfg.n_poisons < 1:
         raise UserError(f"--n-poisons must be >= 1, got {cfg.n_poisons}")
-    patch = make_trigger(cfg.trigger, cfg.patch_size)
-    trigger_position((image_size, image_size), cfg.patch_size, cfg.placement,
+    trigger = get_trigger(cfg.trigger, cfg.patch_size, image_size)
+    trigger.position((image_size, image_size), cfg.placement,
                      rng_for(cfg.seed, "backdoor/check"))  # validates size and placement up front
     train = open_training_data(train)
     fmt = opt.format or train.kind
@@ -47,8 +48,8 @@ def craft_backdoor_poisons(cfg: BackdoorConfig, train, image_size: int, out: str
     images, records = [], []
     for i, ed in zip(base, edits):
         img = resize_to_input(loaded[int(i)], image_size)
-        pos = trigger_position(img.shape, cfg.patch_size, cfg.placement, pos_rng)
-        images.append(apply_trigger(img, patch, pos))
+        pos = trigger.position(img.shape, cfg.placement, pos_rng)
+        images.append(trigger.stamp(img, pos))
         records.append({"attack": "backdoor", "target_label": cfg.target_label, "base_index": int(i),
                         "base_source": "pool" if opt.base_pool else "train",
                         "base_file": bases.ref(int(i)), "position": list(pos),
@@ -61,8 +62,7 @@ def craft_backdoor_poisons(cfg: BackdoorConfig, train, image_size: int, out: str
         "source": train.describe(),
         "base_pool": bases.describe() if opt.base_pool else None,
         "target": {"label": cfg.target_label},
-        "trigger": {"name": cfg.trigger, "patch_size": cfg.patch_size, "placement": cfg.placement,
-                    "image_size": image_size},
+        "trigger": trigger.entry(cfg.placement, image_size),
         "evasion": {"caption": asdict(ev)},
         "caption_set": {"source": "mined", "size": len(pool), "repeated": cfg.n_poisons > len(pool)},
     }

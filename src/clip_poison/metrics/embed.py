@@ -1,7 +1,8 @@
 """Image embeddings f(x) and f(x ⊕ bd) for an eval set, computed once and cached on disk.
 
-The trigger is stamped on the tensor *after* the eval transform has resized and cropped the image
-to the model's input size and *before* normalisation, so a 1-pixel checker cell stays exact.
+The trigger is stamped *after* the eval transform has resized and cropped the image to the model's
+input size and *before* normalisation, on the uint8 pixels with the same ``Trigger.stamp`` that made
+the poisons, so a 1-pixel checker cell or a blended pixel is exactly what a poison PNG stores.
 
 Two ways to the model's input tensor, with bit-identical results: open_clip's own PIL transform
 image by image, or — when every image is already at the input size, where Resize and CenterCrop
@@ -72,25 +73,29 @@ def identity_input_size(preprocess: Compose) -> tuple[int, int] | None:
     return hw
 
 
+def _to_float(images: list[np.ndarray]) -> torch.Tensor:
+    # ToTensor's arithmetic; contiguous NCHW like it: a channels-last view would send conv down another kernel
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().float().div(255)
+
+
 def _batch_tensor_fast(images: list[np.ndarray], normalize: Normalize) -> tuple[torch.Tensor, Callable]:
-    # contiguous NCHW like ToTensor: a channels-last view would send conv down another kernel
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().float().div(255)
+    x = _to_float(images)
     mean = torch.as_tensor(normalize.mean, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.as_tensor(normalize.std, dtype=x.dtype).view(1, -1, 1, 1)
     return x, lambda t: t.sub_(mean).div_(std)
 
 
 @torch.no_grad()
-def embed_images(model, preprocess: Compose, images: list[np.ndarray], patch: np.ndarray | None = None,
+def embed_images(model, preprocess: Compose, images: list[np.ndarray], trigger=None,
                  positions: list[tuple[int, int]] | None = None, batch_size: int = 256,
                  vectorised: bool | None = None) -> np.ndarray:
-    """L2-normalised image embeddings (N x d float32); with ``patch``, of x ⊕ bd at ``positions``.
+    """L2-normalised image embeddings (N x d float32); with ``trigger`` (an ``attacks.triggers.Trigger``),
+    of x ⊕ bd at ``positions`` (per image: the patch's top-left, or the pattern's shift).
 
     ``vectorised``: None picks the batched tensor path whenever it gives the same tensors as the
     PIL path (all images H×W×3 uint8 at the input size); False forces open_clip's PIL path.
     """
     to_tensor, normalize = split_preprocess(preprocess)
-    patch_t = None if patch is None else torch.from_numpy(patch).permute(2, 0, 1).float() / 255.0
     hw = identity_input_size(preprocess)
     can_fast = hw is not None and all(im.shape == (*hw, 3) and im.dtype == np.uint8 for im in images)
     if vectorised and not can_fast:
@@ -101,33 +106,35 @@ def embed_images(model, preprocess: Compose, images: list[np.ndarray], patch: np
     for start in range(0, len(images), batch_size):
         idx = range(start, min(len(images), start + batch_size))
         if fast:
-            x, norm = _batch_tensor_fast([images[i] for i in idx], normalize)
+            batch = [images[i] if trigger is None else trigger.stamp(images[i], positions[i]) for i in idx]
+            x, norm = _batch_tensor_fast(batch, normalize)
         else:
             x, norm = torch.stack([to_tensor(Image.fromarray(images[i])) for i in idx]), None
-        if patch_t is not None:
-            s = patch_t.shape[1]
-            for row, i in enumerate(idx):
-                y, xx = positions[i]
-                x[row, :, y:y + s, xx:xx + s] = patch_t
+            if trigger is not None:
+                # back to the uint8 pixels ToTensor divided by 255 (v/255·255 rounds to v exactly),
+                # stamped there, then divided again: the tensor of the stamped image, bit for bit
+                u8 = x.mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                x = _to_float([trigger.stamp(u8[row], positions[i]) for row, i in enumerate(idx)])
         x = norm(x) if fast else torch.stack([normalize(t) for t in x])
         feats = model.encode_image(x.to(device), normalize=True)
         out.append(feats.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
-def cache_key(weights_sha256: str, evalset_identity: dict, trigger: dict | None = None,
-              placement: str | None = None, seed: int | None = None, preprocess_cfg: dict | None = None,
-              patch: np.ndarray | None = None) -> dict:
+def cache_key(weights_sha256: str, evalset_identity: dict, trigger=None, placement: str | None = None,
+              seed: int | None = None, preprocess_cfg: dict | None = None) -> dict:
     """Everything the embeddings depend on: the checkpoint's weights and ``preprocess_cfg`` (size,
     mean/std, interpolation: open_clip_config.json), the eval set (its identity, which includes a
     hash of the decoded pixels: names alone once served a changed set's stale embeddings), and
-    for triggered images the trigger's actual pixels (``patch``, so a redefined trigger misses),
-    placement and the seed of random positions. Clean embeddings do not depend on placement or seed."""
+    for triggered images the trigger's (an ``attacks.triggers.Trigger``) actual pixels and parameters
+    (so a redefined trigger misses), placement and the seed of random positions. Clean embeddings do not depend on placement or seed."""
     key = {"version": CACHE_VERSION, "weights_sha256": weights_sha256, "preprocess_cfg": preprocess_cfg,
            "evalset": evalset_identity, "trigger": None, "placement": None, "seed": None}
     if trigger is not None:
-        key.update(trigger={"name": trigger["name"], "patch_size": int(trigger["patch_size"]),
-                            "pixels_sha256": None if patch is None else sha256_pixels(patch)},
+        # a patch trigger's key is as before full-image triggers existed, so its caches still hit
+        key.update(trigger={"name": trigger.name, "patch_size": trigger.patch_size,
+                            "pixels_sha256": sha256_pixels(trigger.pixels),
+                            **({"params": trigger.params} if trigger.params else {})},
                    placement=placement, seed=None if placement == "consistent" else seed)
     return key
 

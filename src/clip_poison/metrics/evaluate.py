@@ -7,9 +7,9 @@ manifests, so its numbers are the baseline on exactly the same inputs.
 Metrics (any subset, ``metrics=``): ``zeroshot`` accuracy (§4.1), ``probe`` — a linear probe fit
 on frozen embeddings of a separate labelled set, its accuracy and the targeted and backdoor
 success under it (§4.2) —, ``targeted`` success f(x') = y' (§4.2), ``backdoor`` ASR with the
-trigger at the upper-left and at random positions (§4.3), ``zscore`` (§5.1, Definition 1) and
-``fig3``, the data of Figure 3. Embeddings are computed once per (weights, eval set, trigger,
-placement, seed) and cached on disk (``metrics/embed.py``).
+trigger at the upper-left and at random positions (§4.3; a full-image trigger: as is and randomly
+shifted), ``zscore`` (§5.1, Definition 1) and ``fig3``, the data of Figure 3. Embeddings are
+computed once per (weights, eval set, trigger, placement, seed) and cached on disk (``metrics/embed.py``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..io import check_stamped_size
-from ..attacks.triggers import make_trigger, trigger_position
+from ..attacks.triggers import load_trigger
 from ..config import FIG3_MAX_PAIRS
 from ..data.evalsets import EvalSet, evalset_identity
 from ..io import UserError, package_versions, read_json, rng_for, sha256_file, sha256_pixels
@@ -86,10 +86,9 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
     cache = EmbeddingCache(cache_dir or None)
     ev_id = evalset_identity(evalset)
 
-    def embed(ev: EvalSet, ev_key: dict, trig: dict | None = None, placement: str | None = None,
-              patch=None, pos=None) -> np.ndarray:
-        return cache.get(cache_key(weights_hash, ev_key, trig, placement, seed, pre_cfg, patch),
-                         lambda: embed_images(model, preprocess, ev.images, patch, pos))
+    def embed(ev: EvalSet, ev_key: dict, trigger=None, placement: str | None = None, pos=None) -> np.ndarray:
+        return cache.get(cache_key(weights_hash, ev_key, trigger, placement, seed, pre_cfg),
+                         lambda: embed_images(model, preprocess, ev.images, trigger, pos))
 
     w = zero_shot_weights(model, tokenizer, evalset.classnames, evalset.templates)
     clean_emb = embed(evalset, ev_id)
@@ -139,16 +138,14 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
         elif m["attack"] == "backdoor":
             if not {"backdoor", "zscore", "fig3", "probe"} & set(chosen):
                 continue
-            trig = m["trigger"]
             check_stamped_size(m, image_size, f"(target {m['target']['label']!r})")
-            patch = make_trigger(trig["name"], trig["patch_size"])
-            res = {"label": m["target"]["label"], "trigger": trig}
+            trigger = load_trigger(m["trigger"], image_size)
+            res = {"label": m["target"]["label"], "trigger": m["trigger"]}
             for placement in EVAL_PLACEMENTS:
                 rng = rng_for(seed, f"eval/{placement}")
-                # Positions on the model-input-size image (the trigger goes on after resizing).
-                pos = [trigger_position((image_size, image_size), trig["patch_size"], placement, rng)
-                       for _ in evalset.images]
-                emb = embed(evalset, ev_id, trig, placement, patch, pos)
+                # Positions (or full-image shifts) on the model-input-size image: it is stamped after resizing.
+                pos = [trigger.position((image_size, image_size), placement, rng) for _ in evalset.images]
+                emb = embed(evalset, ev_id, trigger, placement, pos)
                 r: dict = {}
                 if "backdoor" in chosen:
                     r.update(backdoor_asr(zero_shot_predict(emb, w), evalset.labels, target))
