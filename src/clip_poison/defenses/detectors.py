@@ -269,8 +269,9 @@ def loss_dynamics(pair_loss) -> np.ndarray:
         raise UserError("pair_loss contains infinite values; a recorded loss is finite (NaN marks a pair not seen)")
     seen = ~np.isnan(L)
     if not seen.any(axis=0).all():
-        raise UserError(f"pair_loss has epochs with no loss recorded (columns {np.flatnonzero(~seen.any(axis=0)).tolist()}); "
-                        "pass the array pair_loss.npy as written by training")
+        empty = np.flatnonzero(~seen.any(axis=0)).tolist()
+        raise UserError(f"pair_loss has epochs with no loss recorded (columns {empty}); pass the array "
+                        "pair_loss.npy as written by training")
     mad = np.maximum(median_abs_deviation(L, axis=0, scale="normal", nan_policy="omit"), _EPS)
     z = (np.nanmedian(L, axis=0) - L) / mad
     n_seen = seen.sum(axis=1)

@@ -201,7 +201,7 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
             loss = loss_fn(out_["image_features"], out_["text_features"], out_["logit_scale"])
             if pair_loss is not None:
                 with torch.no_grad():
-                    pair_loss[idx.numpy(), epoch] = per_pair_clip_loss(*(x.detach() for x in loss_fn.logits)).numpy()
+                    pair_loss[idx.numpy(), epoch] = per_pair_clip_loss(*loss_fn.logits).numpy()
             loss.backward()
             tb = time.time()
             optimizer.step()
@@ -237,11 +237,11 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
         atomic_write_json(tmp / "train.json", info)
         if pair_loss is not None:
             np.save(tmp / PAIR_LOSS, pair_loss)
-            atomic_write_json(tmp / "pair_loss.json", pair_loss_rows(info["data"], cfg, n))
+            atomic_write_json(tmp / "pair_loss.json", _pair_loss_rows(info["data"], cfg, n))
     return info
 
 
-def pair_loss_rows(data: dict, cfg: TrainConfig, n: int) -> dict:
+def _pair_loss_rows(data: dict, cfg: TrainConfig, n: int) -> dict:
     """Which row of ``pair_loss.npy`` is which training pair, so a scan can join the rows to the
     poison sets' manifests (the truth about P)."""
     sets, start = [], data["n_clean"]
@@ -265,4 +265,4 @@ def pair_loss_rows(data: dict, cfg: TrainConfig, n: int) -> dict:
     }
 
 
-__all__ = ["PAIR_LOSS", "FastOptions", "build_optimizer", "pair_loss_rows", "per_pair_clip_loss", "train_fast"]
+__all__ = ["PAIR_LOSS", "FastOptions", "build_optimizer", "per_pair_clip_loss", "train_fast"]
