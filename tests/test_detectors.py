@@ -122,6 +122,48 @@ def test_near_duplicate_by_pixel_hash():
     assert s.tolist() == [0] * 5 + [2] * 3 + [0] * 12
 
 
+def _loss_curves(n=300, epochs=5, seed=0):
+    """Per-pair losses falling together over training (log 64 → ~1), with per-pair noise; rows
+    0-5 are learned in the first epoch and stay far below (poisons, Carlini 2021), row 6 is an
+    easy pair learned only in the last epoch, rows 7-9 are hard pairs; NaN where a pair was not seen."""
+    rng = np.random.default_rng(seed)
+    L = np.log(64) * np.exp(-0.3 * np.arange(epochs)) + 0.3 * rng.normal(size=(n, epochs))
+    L[:6, 1:] -= 1.5
+    L[6, -1] -= 1.5
+    L[7:10] += 1.0
+    L[rng.random((n, epochs)) < 0.02] = np.nan
+    L[0, 2] = np.nan
+    return L
+
+
+def test_loss_dynamics_ranks_pairs_learned_early_first():
+    L = _loss_curves()
+    before = L.copy()
+    s = score_pairs("loss-dynamics", pair_loss=L)
+    assert s.shape == (len(L),) and np.isfinite(s).all()
+    order = np.argsort(-s, kind="stable")
+    assert set(order[:6].tolist()) == set(range(6))
+    assert s[6] < s[:6].min() and s[6] > np.median(s)  # learned, but late: one term of the mean
+    assert s[7:10].max() < np.percentile(s, 5)  # hard pairs are the least suspicious
+    np.testing.assert_array_equal(L, before)  # input untouched (NaNs included)
+    np.testing.assert_array_equal(s, score_pairs("loss-dynamics", pair_loss=L))  # deterministic
+    # The fall every pair shares is taken out: shifting or scaling an epoch's losses changes nothing.
+    shifted = L * np.array([1.0, 2.0, 0.5, 1.0, 3.0]) - np.arange(5)
+    np.testing.assert_allclose(score_pairs("loss-dynamics", pair_loss=shifted), s, atol=1e-9)
+
+
+def test_loss_dynamics_by_hand():
+    # Epoch 0: median 2, MAD 1; epoch 1: median 4, MAD 2; scaled by 1.4826 (normal consistency).
+    # Row 0 is one scaled MAD below the median in both epochs: z = 1/1.4826 each, mean the same.
+    # Row 3 was not seen in epoch 0: its score is its epoch-1 z alone; it does not enter epoch 0's median.
+    L = np.array([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0], [np.nan, 8.0]])
+    c = 1.482602218505602
+    s = score_pairs("loss-dynamics", pair_loss=L)
+    # epoch 1 over rows 0-3: median 5, MAD median(|2-5|, |4-5|, |6-5|, |8-5|) = 2
+    want = [(1 / c + 3 / (2 * c)) / 2, (0 + 1 / (2 * c)) / 2, (-1 / c - 1 / (2 * c)) / 2, -3 / (2 * c)]
+    np.testing.assert_allclose(s, want)
+
+
 @pytest.mark.parametrize("name,kwargs,match", [
     ("k-dist", dict(image_emb=np.zeros((0, D))), "non-empty"),
     ("k-dist", dict(image_emb=np.eye(4), k=4), "k=4"),
@@ -134,6 +176,10 @@ def test_near_duplicate_by_pixel_hash():
     ("near-duplicate", dict(captions=["a", "b"], image_emb=np.eye(3)), "captions"),
     ("near-duplicate", dict(captions=["a", "b"]), "needs"),
     ("near-duplicate", dict(captions=[], image_emb=np.eye(3)), "empty"),
+    ("loss-dynamics", dict(pair_loss=np.ones(5)), "(N pairs, E epochs)"),
+    ("loss-dynamics", dict(pair_loss=np.ones((5, 1))), ">= 2 epochs"),
+    ("loss-dynamics", dict(pair_loss=np.array([[1.0, np.inf], [1, 2]])), "infinite"),
+    ("loss-dynamics", dict(pair_loss=np.array([[1.0, np.nan], [1, np.nan]])), "columns \\[1\\]"),
     ("nope", {}, "unknown detector"),
 ])
 def test_bad_inputs_are_user_errors(name, kwargs, match):
@@ -142,7 +188,7 @@ def test_bad_inputs_are_user_errors(name, kwargs, match):
 
 
 def test_registry_lists_the_detectors():
-    assert set(DETECTORS) == {"k-dist", "slof", "dao", "clip-score", "near-duplicate"}
+    assert set(DETECTORS) == {"k-dist", "slof", "dao", "clip-score", "near-duplicate", "loss-dynamics"}
 
 
 def test_detection_metrics_by_hand():

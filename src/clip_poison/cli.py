@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from .config import (CAPTION_KEY, FIG3_MAX_PAIRS, IMG_KEY, MAX_TARGETED_POISONS, PROBE_N, SEED, BackdoorConfig,
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-shared-label", action="store_true",
                    help="allow two poison sets with the same target label in one victim (it then measures neither alone)")
     _add_train_args(p)
+    p.add_argument("--record-pair-loss", action="store_true",
+                   help="also write every pair's contrastive loss per epoch (pair_loss.npy, for the loss-dynamics "
+                        "detector); fast backend only; training is unchanged")
     p.add_argument("--seed", type=int, default=D_R.seed)
     p.add_argument("--out", required=True, help="new checkpoint folder")
     p.add_argument("--overwrite", action="store_true")
@@ -444,7 +448,8 @@ def cmd_train(a) -> int:
         prog.update(tasks[0], completed=done, total=total)
 
     with _progress() as prog:
-        info = train_victim(a.data, a.poisons, _train_cfg(a, a.seed), a.out, overwrite=a.overwrite,
+        cfg = replace(_train_cfg(a, a.seed), record_pair_loss=a.record_pair_loss)
+        info = train_victim(a.data, a.poisons, cfg, a.out, overwrite=a.overwrite,
                             progress=progress, allow_shared_label=a.allow_shared_label)
     print(f"wrote checkpoint {a.out} ({info['data']['n_clean']} clean + {info['data']['n_poisons']} poison pairs, "
           f"{info['seconds']:.0f} s); load it with open_clip.create_model_and_transforms('local-dir:{a.out}')")

@@ -18,6 +18,13 @@ SEED = 0
 IMG_KEY, CAPTION_KEY = "filepath", "title"
 
 
+def late(default: Any):
+    """A field added after results were committed: while it holds its default it is left out of
+    ``to_dict`` (so out of run ids, poison-set ids and stored configs), and every run made before
+    the field existed keeps its id. Set to anything else, it is recorded like any field."""
+    return field(default=default, metadata={"late": True})
+
+
 @dataclass
 class CaptionMix:
     """The alt-text caption mix shared by the synthetic and the real-photo world."""
@@ -141,6 +148,9 @@ class TrainConfig:
     # "fast" (in-process open_clip loop) or "open_clip_train" (OpenCLIP's own trainer, ~2x slower here).
     backend: str = "fast"
     workers: int = 1
+    # Store every pair's own contrastive loss each time it is seen (pair_loss.npy, fast backend
+    # only): the training dynamics the loss-dynamics detector scans (§6). Training is unchanged.
+    record_pair_loss: bool = late(False)
 
 
 @dataclass
@@ -188,13 +198,6 @@ class DemoConfig:
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = SEED
-
-
-def late(default: Any):
-    """A field added after results were committed: while it holds its default it is left out of
-    ``to_dict`` (so out of run ids, poison-set ids and stored configs), and every run made before
-    the field existed keeps its id. Set to anything else, it is recorded like any field."""
-    return field(default=default, metadata={"late": True})
 
 
 def to_dict(cfg: Any) -> dict:

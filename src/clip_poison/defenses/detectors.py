@@ -17,6 +17,9 @@ Mitigation: pass ``reference=`` a set of clean embeddings (e.g. a held-out clean
 is then scored against the reference's neighbours, never against the other poisons. A query that
 is itself in the reference (distance 0 to its nearest reference point) has that neighbour dropped
 as "self". ``near-duplicate`` is the scan aimed at exactly those repeated images.
+
+``loss-dynamics`` needs no embeddings and no reference model: it scans the victim's own training
+record (each pair's loss per epoch, ``clip-poison train --record-pair-loss``).
 """
 from __future__ import annotations
 
@@ -233,3 +236,43 @@ def near_duplicate(captions, image_emb=None, pixels=None, threshold: float = 0.9
             for i in members:
                 same[i].update(j for j in members if j != i)
     return np.array([sum(caps[j] != caps[i] for j in same[i]) for i in range(n)], dtype=np.float64)
+
+
+# ---------------------------------------------------------------- training dynamics
+
+@register_detector("loss-dynamics")
+def loss_dynamics(pair_loss) -> np.ndarray:
+    """How early and how far each pair's contrastive loss falls below the other pairs' during
+    training. Carlini & Terzis (§6) suggest monitoring training dynamics, after Carlini (2021), where
+    poisons are learned early and fast. From ``pair_loss`` L (N pairs × E epochs, the victim's
+    ``pair_loss.npy``), a robust z per epoch and its mean over the epochs:
+
+        z[i, e]  = (median_e(L) − L[i, e]) / MAD_e(L)
+        score[i] = mean over e ∈ S_i of z[i, e]
+
+    median_e and MAD_e (scaled to a normal's standard deviation, floored at 1e-12) are taken over
+    the pairs seen in epoch e, and S_i is the set of epochs pair i was seen in. NaN means "not seen
+    that epoch" (training drops each epoch's partial last batch); a pair never seen scores 0, the
+    typical pair. The z takes out the fall every pair's loss shares as training goes on, so every
+    epoch weighs the same; the mean is then the area between the pair's loss curve and the
+    typical one, largest for a pair that drops below the others early and stays far below (one
+    learned only in the last epoch adds a single term). At least 2 epochs: with one there are no
+    dynamics, only a loss ranking."""
+    from scipy.stats import median_abs_deviation
+    L = np.array(pair_loss, dtype=np.float64, copy=True)
+    if L.ndim != 2 or L.shape[0] == 0:
+        raise UserError(f"pair_loss must be a non-empty (N pairs, E epochs) array, got shape {L.shape}")
+    if L.shape[1] < 2:
+        raise UserError(f"pair_loss has {L.shape[1]} epoch(s); loss dynamics need >= 2 epochs: train with --epochs 2 "
+                        "or more and --record-pair-loss")
+    if np.isinf(L).any():
+        raise UserError("pair_loss contains infinite values; a recorded loss is finite (NaN marks a pair not seen)")
+    seen = ~np.isnan(L)
+    if not seen.any(axis=0).all():
+        empty = np.flatnonzero(~seen.any(axis=0)).tolist()
+        raise UserError(f"pair_loss has epochs with no loss recorded (columns {empty}); pass the array "
+                        "pair_loss.npy as written by training")
+    mad = np.maximum(median_abs_deviation(L, axis=0, scale="normal", nan_policy="omit"), _EPS)
+    z = (np.nanmedian(L, axis=0) - L) / mad
+    n_seen = seen.sum(axis=1)
+    return np.where(seen, z, 0.0).sum(axis=1) / np.maximum(n_seen, 1)

@@ -17,6 +17,11 @@ embedding gets a dense AdamW update every step), channels-last memory layout for
 convolutions, and images normalised once instead of every batch. ``torch.compile`` is available
 but off by default (its compile time costs more than it saves on a sweep-sized run; see
 ``benchmarks/bench_backends.py``). Every run records its options in ``train.json``.
+
+``TrainConfig.record_pair_loss`` also stores every training pair's own contrastive loss each time it
+is seen (``pair_loss.npy`` + ``pair_loss.json``, see ``PAIR_LOSS``): the training dynamics that
+Carlini & Terzis §6 suggest monitoring. It reads the logits the step computes anyway, under
+``no_grad``, so the trained weights are bitwise the same with or without it (tested).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from typing import Callable
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip_train.params import get_default_params
 from open_clip_train.scheduler import cosine_lr
 from torchvision.transforms import v2
@@ -43,6 +49,24 @@ from .order import epoch_order
 from .openclip_train import PATHS_NOTE, openclip_crop_ratio, recorded_path, training_rows
 
 Progress = Callable[[int, int], None]
+PAIR_LOSS = "pair_loss.npy"  # (N_pairs, epochs) float32; its row map is pair_loss.json beside it
+
+
+class _ClipLossKeepingLogits(open_clip.ClipLoss):
+    """open_clip's ClipLoss, unchanged, keeping the logits it computed so that the per-pair losses
+    are read off them instead of a second matmul."""
+
+    def get_logits(self, *args, **kwargs):
+        self.logits = super().get_logits(*args, **kwargs)
+        return self.logits
+
+
+def per_pair_clip_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor) -> torch.Tensor:
+    """ClipLoss split per pair: row i's (CE(image_i → the batch's texts) + CE(text_i → the batch's
+    images)) / 2. Their mean over the batch is ClipLoss's value."""
+    labels = torch.arange(len(logits_per_image), device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels, reduction="none")
+            + F.cross_entropy(logits_per_text, labels, reduction="none")) / 2
 
 
 def _seed_everything(seed: int) -> None:
@@ -147,7 +171,9 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     timings["data"] = time.time() - t1
 
     optimizer = build_optimizer(model, cfg, opts.optimizer_impl)
-    loss_fn = open_clip.ClipLoss()
+    loss_fn = _ClipLossKeepingLogits() if cfg.record_pair_loss else open_clip.ClipLoss()
+    # NaN stays where a pair was not seen: the epoch's partial last batch is dropped
+    pair_loss = np.full((n, cfg.epochs), np.nan, dtype=np.float32) if cfg.record_pair_loss else None
     forward = model
     if opts.compile:
         tc = time.time()
@@ -173,6 +199,9 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
             optimizer.zero_grad(set_to_none=True)
             out_ = forward(imgs, tokens[idx])
             loss = loss_fn(out_["image_features"], out_["text_features"], out_["logit_scale"])
+            if pair_loss is not None:
+                with torch.no_grad():
+                    pair_loss[idx.numpy(), epoch] = per_pair_clip_loss(*loss_fn.logits).numpy()
             loss.backward()
             tb = time.time()
             optimizer.step()
@@ -206,7 +235,34 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
                 "timings": {k: round(v, 3) for k, v in timings.items()},
                 "seconds": round(time.time() - t0, 2), "versions": package_versions()}
         atomic_write_json(tmp / "train.json", info)
+        if pair_loss is not None:
+            np.save(tmp / PAIR_LOSS, pair_loss)
+            atomic_write_json(tmp / "pair_loss.json", _pair_loss_rows(info["data"], cfg, n))
     return info
 
 
-__all__ = ["FastOptions", "build_optimizer", "train_fast"]
+def _pair_loss_rows(data: dict, cfg: TrainConfig, n: int) -> dict:
+    """Which row of ``pair_loss.npy`` is which training pair, so a scan can join the rows to the
+    poison sets' manifests (the truth about P)."""
+    sets, start = [], data["n_clean"]
+    for s in data["poison_sets"]:
+        sets.append({"rows": [start, start + s["n_poisons"]], **s})
+        start += s["n_poisons"]
+    return {
+        "file": PAIR_LOSS, "shape": [n, cfg.epochs], "batch_size": cfg.batch_size,
+        "loss": "entry [i, e]: pair i's symmetric CLIP loss in epoch e, (CE(image_i -> the batch's captions) + "
+                "CE(caption_i -> the batch's images)) / 2, from the logits of the step that trained on it, before "
+                "its update; the batch mean is that step's loss in train.json's loss_per_step",
+        "missing": "NaN: the pair fell in that epoch's partial last batch, which training drops (drop_last, as "
+                   "open_clip_train)",
+        "paths": data["paths"],
+        # rows [start, stop): half-open, in the order training_rows composes X ∪ P
+        "clean": {"rows": [0, data["n_clean"]], "csv": data["train_csv"], "csv_sha256": data["train_csv_sha256"],
+                  "order": "the CSV's rows in file order, less the rows that a --mode replace poison set replaces "
+                           "(its manifest's `replaces`)"},
+        "poison_sets": sets,
+        "poison_rows": "row start + j is row j of the set's poison CSV (its manifest's `csv`)",
+    }
+
+
+__all__ = ["PAIR_LOSS", "FastOptions", "build_optimizer", "per_pair_clip_loss", "train_fast"]

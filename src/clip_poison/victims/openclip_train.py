@@ -169,6 +169,10 @@ def open_clip_train_argv(cfg: TrainConfig, csv_path: Path | None, logs: Path, n_
 def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainConfig,
                           out: str | Path, overwrite: bool = False, progress: Progress | None = None) -> dict:
     """Train on X ∪ P and write a local-dir checkpoint plus ``train.json`` to ``out``."""
+    if cfg.record_pair_loss:
+        raise UserError("--record-pair-loss needs --backend fast: open_clip_train computes each step's loss inside "
+                        "its own train_one_epoch, which cannot be hooked to keep every pair's loss without forking "
+                        "the trainer; train with --backend fast")
     model_cfg = model_config(cfg.model)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be >= 1")
