@@ -7,6 +7,7 @@ A run config is a plain dict (what sweeps store and hash into run ids, ``experim
     train                   ``config.TrainConfig``
     attack                  "backdoor" | "targeted" | "none": the poisons the victim trains on
     backdoor | targeted     that attack's config; ``n_targets`` targets for a targeted victim
+    craft                   optional ``config.CraftOptions`` of the victim's poisons (e.g. caption substitution)
     eval_attacks            attacks the victim is only measured against (one poison set each is
                             crafted for its manifest): {"attack", "configs"} or a list of them
     eval                    ``config.EvalConfig`` (eval subset size, probe size)
@@ -27,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import BackdoorConfig, DemoConfig, TargetedConfig, TrainConfig, stable_id, to_dict
+from .config import BackdoorConfig, CraftOptions, DemoConfig, TargetedConfig, TrainConfig, stable_id, to_dict
 from .io import UserError, atomic_dir, atomic_write_json, package_versions, rng_for
 
 Stage = Callable[[str], None]
@@ -78,19 +79,23 @@ def targeted_configs(base: dict, n_targets: int, seed: int, classnames: list[str
     return cfgs
 
 
-def craft(attack: str, acfg: dict, n_targets: int, seed: int, train, evalset, image_size: int, out: Path) -> Path:
+def craft(attack: str, acfg: dict, n_targets: int, seed: int, train, evalset, image_size: int, out: Path,
+          options: dict | None = None) -> Path:
     """One poison set of ``attack`` under ``out/<attack>-<config id>``; a set already there (the
     same attack config on the same world) is reused, so the demo's victims share their sets."""
     from .attacks.backdoor import craft_backdoor_poisons
     from .attacks.targeted import craft_multi_targeted_poisons
 
-    out = out / f"{attack}-{stable_id({'attack': attack, 'config': acfg, 'n_targets': n_targets, 'seed': seed}, 8)}"
+    key = {'attack': attack, 'config': acfg, 'n_targets': n_targets, 'seed': seed, **({'craft': options} if options else {})}
+    out = out / f"{attack}-{stable_id(key, 8)}"
+    opt = CraftOptions(**(options or {}))
     if (out / "manifest.json").is_file():
         return out
     if attack == "backdoor":
-        craft_backdoor_poisons(BackdoorConfig(**acfg), train, image_size, out)
+        craft_backdoor_poisons(BackdoorConfig(**acfg), train, image_size, out, options=opt)
     else:  # one multi-target set: x'_k are drawn without replacement, so no two targets share an image
-        craft_multi_targeted_poisons(targeted_configs(acfg, n_targets, seed, evalset.classnames), train, evalset, out)
+        craft_multi_targeted_poisons(targeted_configs(acfg, n_targets, seed, evalset.classnames), train, evalset, out,
+                                     options=opt)
     return out
 
 
@@ -176,7 +181,9 @@ def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress 
     size, n_targets, seed, attack = image_size(cfg["train"]["model"]), int(cfg.get("n_targets", 1)), cfg["seed"], cfg["attack"]
     say(f"attacks: crafting the poison sets of the {attack if attack != 'none' else 'clean'} victim")
     sets = ([(attack, cfg[attack])] if attack != "none" else []) + _eval_attacks(cfg)
-    dirs = [craft(a, acfg, n_targets, seed, train, evalset, size, poisons) for a, acfg in sets]
+    # craft options (the adaptive attacker's disguises) apply to the victim's own poisons only
+    dirs = [craft(a, acfg, n_targets, seed, train, evalset, size, poisons, cfg.get("craft") if i == 0 and attack != "none" else None)
+            for i, (a, acfg) in enumerate(sets)]
     train_dirs = dirs[:1] if attack != "none" else []
     tcfg = TrainConfig(**{**cfg["train"], "crop_scale": tuple(cfg["train"]["crop_scale"])})
     say(f"victims: training the {attack if attack != 'none' else 'clean'} victim ({tcfg.backend}; "

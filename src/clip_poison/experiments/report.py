@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..io import UserError, atomic_write_bytes, read_json
 
-CONFIG_SECTIONS = ("world", "real_world", "backdoor", "targeted", "train", "eval")
+CONFIG_SECTIONS = ("world", "real_world", "backdoor", "targeted", "craft", "train", "eval")
 
 
 def _sweep_dir(path: str | Path) -> Path:
@@ -270,7 +270,7 @@ def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str], axis_va
              "95 % Student-t interval of the mean over seeds; `worked` = seeds with ASR > 0.5; accuracy "
              "test: one-sided paired t-test over seeds (each poisoned victim minus the clean control with its "
              "seed and non-attack axes; interval of the mean difference), H1: poisoned accuracy < clean.", ""]
-    attack_axes = [a for a in axes if a.split(".")[0] in ("backdoor", "targeted")]
+    attack_axes = [a for a in axes if a.split(".")[0] in ("backdoor", "targeted", "craft")]
     other = [a for a in axes if a not in attack_axes]
     clean = df[df["clean"]].drop_duplicates("run_id")
     rows = []

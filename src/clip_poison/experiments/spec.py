@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from ..config import (BackdoorConfig, EvalConfig, RealWorldConfig, TargetedConfig, TrainConfig, WorldConfig,
+from ..config import (BackdoorConfig, CraftOptions, EvalConfig, RealWorldConfig, TargetedConfig, TrainConfig, WorldConfig,
                       stable_id, to_dict)
 from ..io import UserError
 from ..run import SEEDED_SECTIONS, seeded
@@ -46,8 +46,11 @@ PRESET_DIR = Path(__file__).parent / "presets"
 # ``eval`` is optional (the defaults evaluate the whole eval split; synthetic worlds fit the probe on
 # 2,000 freshly rendered images, real worlds fit one only when ``probe_n`` asks for train-split photos).
 SECTIONS = {"world": WorldConfig, "real_world": RealWorldConfig, "backdoor": BackdoorConfig,
-            "targeted": TargetedConfig, "train": TrainConfig, "eval": EvalConfig}
+            "targeted": TargetedConfig, "train": TrainConfig, "eval": EvalConfig, "craft": CraftOptions}
 ATTACKS = ("backdoor", "targeted")
+# Sections that change only the poisons: a clean control drops their axes (``craft``: how P is
+# written and disguised, e.g. the adaptive attacker's caption substitution).
+POISON_SECTIONS = ATTACKS + ("craft",)
 # Fields a run's seed sets (one seed per run); a spec may not put them in base or axes.
 SEEDED = {f"{sec}.seed" for sec in SEEDED_SECTIONS}
 TOP_KEYS = {"name", "figure", "description", "attack", "base", "axes", "seeds", "clean_control",
@@ -238,7 +241,9 @@ def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> 
     world = "real_world" if "real_world" in spec.base else "world"
     sections = [world, attack, "train"] if attack != "none" else [world, "train"]
     # eval only when the spec sets it, so the ids of specs without it stay what they were.
-    sections += ["eval"] if "eval" in spec.base or any(k.startswith("eval.") for k in spec.axes) else []
+    for opt in ("eval", "craft"):
+        if opt in spec.base or any(k.startswith(f"{opt}.") for k in spec.axes):
+            sections += [opt] if opt == "eval" or attack != "none" else []
     for sec in sections:
         vals = dict(spec.base.get(sec, {}))
         vals.update({k.split(".", 1)[1]: v for k, v in point.items() if k.split(".")[0] == sec})
@@ -296,7 +301,7 @@ def expand(spec: SweepSpec) -> list[dict]:
         for point in points:
             add(_resolve(spec, point, seed, spec.attack), point, False)
         if spec.clean_control:
-            other = [k for k in keys if k.split(".")[0] not in ATTACKS]
+            other = [k for k in keys if k.split(".")[0] not in POISON_SECTIONS]
             for vals in dict.fromkeys(tuple(p[k] for k in other) for p in points):
                 cpoint = dict(zip(other, vals))
                 cfg = _resolve(spec, cpoint, seed, "none")
