@@ -24,7 +24,7 @@ def scanned(tiny_world, tmp_path_factory):
     craft_targeted_poisons(TargetedConfig(n_poisons=8, target_label="apple"), train,
                            load_wds_evalset(tiny_world / "eval"), root / "t")
     craft_backdoor_poisons(BackdoorConfig(n_poisons=12), train, 32, root / "b")
-    cfg = TrainConfig(model="rn-tiny-32", epochs=1, batch_size=64, warmup=2)
+    cfg = TrainConfig(model="rn-tiny-32", epochs=2, batch_size=64, warmup=2, record_pair_loss=True)
     train_victim(tiny_world / "train.csv", [root / "t", root / "b"], cfg, root / "v", allow_shared_label=True)
     return root
 
@@ -116,4 +116,16 @@ def test_scan_bad_inputs(tiny_world, scanned, tmp_path, bad_input):
     bad_input(base + ["--poisons", tmp_path / "b64", "--out", tmp_path / "o5"],
               what="checkpoint/data mismatch (poisons stamped at 64 px, model 32 px)", kind="mismatch",
               expect=["64"])
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))  # nothing half-written
+    bad_input(["scan", "data", "--data", tiny_world / "train.csv", "--poisons", scanned / "b", "--checkpoint", ck,
+               "--detectors", "loss-dynamics", "--out", tmp_path / "o6"],
+              what="pair losses of another training set (loss-dynamics)", kind="mismatch",
+              expect=["recorded on another training set"])
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))  # nothing half-written
+
+
+def test_loss_dynamics_scan_reads_the_victims_pair_losses(tiny_world, scanned, tmp_path):
+    assert _scan(tiny_world, scanned, tmp_path / "s", "--detectors", "loss-dynamics") == 0
+    scores = pd.read_parquet(tmp_path / "s" / "scores.parquet")
+    from clip_poison.defenses.detectors import score_pairs
+    want = score_pairs("loss-dynamics", pair_loss=np.load(scanned / "v" / "pair_loss.npy"))
+    assert np.array_equal(scores["score"].to_numpy(), want)

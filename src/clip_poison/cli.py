@@ -548,12 +548,17 @@ def cmd_scan(a) -> int:
     if a.scan != "data":
         return SCANS[a.scan](a)
     detectors = check_detectors([d.strip() for d in a.detectors.split(",") if d.strip()])
+    tasks: list = []
+
+    def progress(done: int, _total: int) -> None:
+        # the bar appears with the first embedded chunk, after the input checks
+        tasks or tasks.append(prog.add_task("scan: embedding the training pairs", total=None))
+        prog.update(tasks[0], completed=done)
+
     with _progress() as prog:
-        task = prog.add_task("scan: embedding the training pairs", total=None)
         m = scan_data(a.data, a.checkpoint, a.out, a.poisons, detectors, k=a.k, reference=a.reference,
                       reference_split=a.reference_split, reference_n=a.reference_n, clean_model=a.clean_model,
-                      top=a.top, overwrite=a.overwrite, seed=a.seed,
-                      progress=lambda done, _t: prog.update(task, completed=done))
+                      top=a.top, overwrite=a.overwrite, seed=a.seed, progress=progress)
     c = Console()
     for det, per in m["detection"].items():
         for name, v in per.items():

@@ -173,20 +173,26 @@ def check_detectors(names, have_reference: bool = False) -> list[str]:
     return names
 
 
-def _pair_loss(checkpoint: Path, s: ScannedSet) -> np.ndarray:
-    """The victim's recorded per-pair losses, checked to be of this very training set."""
+def check_pair_loss(checkpoint: Path, data, poison_dirs) -> None:
+    """Before any work: the victim's recorded pair losses must be of this very training set."""
     p, meta_p = checkpoint / "pair_loss.npy", checkpoint / "pair_loss.json"
     if not p.is_file() or not meta_p.is_file():
         raise UserError(f"{checkpoint} has no pair_loss.npy; loss-dynamics needs a victim trained with "
                         "`clip-poison train --record-pair-loss` (or leave loss-dynamics out of --detectors)")
     meta = read_json(meta_p, what="pair_loss.json")
-    want = [ps["manifest_sha256"] for ps in s.poison_sets]
+    want = [sha256_file(Path(d) / "manifest.json") for d in poison_dirs]
     have = [ps.get("manifest_sha256") for ps in meta.get("poison_sets", [])]
-    csv_ok = s.fingerprint.get("csv_sha256") in (None, meta.get("data", {}).get("csv_sha256"))
-    loss = np.load(p, allow_pickle=False)
-    if have != want or not csv_ok or len(loss) != len(s.refs):
-        raise UserError(f"{checkpoint}'s pair losses were recorded on another training set (its rows or poison "
-                        "sets differ from --data/--poisons); scan the data the victim was trained on")
+    csv = meta.get("clean", {}).get("csv_sha256")
+    if have != want or (Path(data).is_file() and csv != sha256_file(data)):
+        raise UserError(f"{checkpoint}'s pair losses were recorded on another training set (its clean data or "
+                        "poison sets differ from --data/--poisons); scan the data the victim was trained on")
+
+
+def _pair_loss(checkpoint: Path, s: ScannedSet) -> np.ndarray:
+    loss = np.load(checkpoint / "pair_loss.npy", allow_pickle=False)
+    if loss.ndim != 2 or len(loss) != len(s.refs):
+        raise UserError(f"{checkpoint}/pair_loss.npy has shape {loss.shape}, not one row per scanned pair "
+                        f"({len(s.refs)}); retrain the victim with --record-pair-loss")
     return loss
 
 
@@ -250,6 +256,8 @@ def scan_run(train_csv, poison_dirs, checkpoint, reference_images, cfg, seed: in
 
     t0 = time.time()
     detectors = check_detectors([d for d in cfg["detectors"] if d != "loss-dynamics" or record_pair_loss])
+    if "loss-dynamics" in detectors:
+        check_pair_loss(Path(checkpoint), train_csv, poison_dirs)
     s = embed_training_set(train_csv, poison_dirs, checkpoint)
     ref = None
     if reference_images is not None and any(d in DENSITY for d in detectors):
@@ -282,9 +290,8 @@ def scan_data(data, checkpoint, out, poison_dirs=(), detectors=DEFAULT_DETECTORS
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
     check_out(out, [data, checkpoint, *poison_dirs] + ([reference] if reference else []), overwrite)
-    if "loss-dynamics" in detectors and not (checkpoint / "pair_loss.npy").is_file():
-        raise UserError(f"{checkpoint} has no pair_loss.npy; loss-dynamics needs a victim trained with "
-                        "`clip-poison train --record-pair-loss` (or leave loss-dynamics out of --detectors)")
+    if "loss-dynamics" in detectors:
+        check_pair_loss(checkpoint, data, poison_dirs)
     ref_emb = None
     if reference is not None:
         from ..data.evalsets import load_evalset
