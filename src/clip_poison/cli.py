@@ -12,12 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import (CAPTION_KEY, FIG3_MAX_PAIRS, IMG_KEY, MAX_TARGETED_POISONS, PROBE_N, SEED, BackdoorConfig,
-                     CraftOptions, DemoConfig, RealWorldConfig, TargetedConfig, TextConfig, TrainConfig, WorldConfig)
+                     CraftOptions, DemoConfig, ModelScanConfig, RealWorldConfig, TargetedConfig, TextConfig,
+                     TrainConfig, WorldConfig)
 from .attacks.triggers import BLEND_ALPHA, SIG_DELTA, SIG_FREQUENCY, trigger_names
 from .io import UserError, atomic_write_json, check_out
 
 D_W, D_T, D_B, D_R = WorldConfig(), TargetedConfig(), BackdoorConfig(), TrainConfig()
-D_X, D_RW = TextConfig(), RealWorldConfig()
+D_X, D_RW, D_S = TextConfig(), RealWorldConfig(), ModelScanConfig()
 DEFAULT_DETECTORS_CLI = ("near-duplicate", "k-dist", "slof", "dao", "clip-score")
 CAPTION_FIELDS = ("p_class_word", "p_synonym", "p_noisy_pair", "p_context", "p_distractor")
 
@@ -233,6 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
+    p = _sub(subs, "scan", "defenses: scan a training set for poisons (data) or a model for a backdoor (model)",
+             "clip-poison scan data --data runs/world/train.csv --poisons runs/p_bd --checkpoint runs/victim --out runs/scan")
+    ssubs = p.add_subparsers(dest="scan", required=True)
+    m = _sub(ssubs, "model", "blind trigger inversion after DECREE (CVPR 2023): the smallest mask whose stamp makes "
+             f"the image embeddings collapse (mean cosine >= {D_S.threshold}); writes scan.json (PL1 = mask area "
+             "fraction, the z-score of Definition 1 on held-out images), trigger.png and mask.png",
+             "clip-poison scan model --checkpoint runs/victim --images ../shared/data/cifar10-wds --out runs/scan")
+    m.add_argument("--checkpoint", required=True, help="open_clip local-dir folder (only read)")
+    m.add_argument("--images", required=True, help="unlabelled images: a CLIP_benchmark webdataset folder, a folder "
+                   "made by `clip-poison world` (its eval set) or an ImageFolder tree")
+    m.add_argument("--split", default="test", help="split of --images (a world folder names its own)")
+    m.add_argument("--max-images", type=POS_INT, default=D_S.max_images,
+                   help="images to optimise the trigger on; up to as many others are held out for the z-score")
+    m.add_argument("--seed", type=int, default=D_S.seed)
+    m.add_argument("--out", required=True, help="new folder for scan.json, trigger.png and mask.png")
+    m.add_argument("--overwrite", action="store_true")
+
     p = _sub(subs, "sweep", "run a declarative, resumable sweep (a YAML spec or a preset) of poisoned and clean "
              "victims; finished runs in OUT/results are skipped",
              "clip-poison sweep fig4-placement --size quick --out runs/sweeps/fig4-quick")
@@ -252,10 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="a sweep folder or its results/ folder")
     p.add_argument("--out", default=None, help="report folder (default: the sweep folder)")
 
-    sc = subs.add_parser("scan", help="scan a training set for poisons (data) or a checkpoint for a backdoor (model)",
-                         description="defenses: scan a training set for poisons, or a model for a backdoor")
-    scsubs = sc.add_subparsers(dest="scan", required=True)
-    p = _sub(scsubs, "data", "score every training pair with the data-scan detectors (higher = more suspicious); "
+    p = _sub(ssubs, "data", "score every training pair with the data-scan detectors (higher = more suspicious); "
              "with --poisons, ROC-AUC, PR-AUC and FPR@95%%TPR per detector and poison set",
              "clip-poison scan data --data runs/world/train.csv --poisons runs/p_bd --checkpoint runs/victim --out runs/scan")
     p.add_argument("--data", required=True, help="clean training data: OpenCLIP CSV or webdataset shards; only read")
@@ -499,6 +514,28 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def cmd_scan_model(a) -> int:
+    from .defenses.model_scan import scan_model
+
+    tasks: list = []
+
+    def progress(done: int, total: int) -> None:
+        tasks or tasks.append(prog.add_task("inverting a trigger (steps)",
+                                            total=total))
+        prog.update(tasks[0], completed=done)
+
+    with _progress() as prog:
+        r = scan_model(a.checkpoint, a.images, a.out, a.split, ModelScanConfig(seed=a.seed, max_images=a.max_images),
+                       overwrite=a.overwrite, progress=progress)
+        if tasks:  # a scan that stopped early ends its bar at the step it stopped on
+            prog.update(tasks[0], total=r["steps"], completed=r["steps"])
+    print(f"PL1 = {r['pl1']:.4f} of the image area "
+          f"({'reached' if r['reached'] else 'never reached'} mean cosine >= {r['collapse_threshold']} on "
+          f"{r['n_images']} images; {r['mean_cosine']:.3f}), z = {r['z']:.2f} on {r['n_heldout']} held-out images, "
+          f"{r['steps']} steps, {r['seconds']:.0f} s; wrote {a.out}/scan.json, trigger.png, mask.png")
+    return 0
+
+
 def cmd_sweep(a) -> int:
     from rich.console import Console
 
@@ -545,8 +582,8 @@ def cmd_scan(a) -> int:
 
     from .defenses.scan_data import check_detectors, scan_data
 
-    if a.scan != "data":
-        return SCANS[a.scan](a)
+    if a.scan == "model":
+        return cmd_scan_model(a)
     detectors = check_detectors([d.strip() for d in a.detectors.split(",") if d.strip()])
     tasks: list = []
 
@@ -567,9 +604,6 @@ def cmd_scan(a) -> int:
                         f"FPR@95%TPR {v['fpr_at_95tpr']:.3f} ({v['n_poison']} poisons, {v['n'] - v['n_poison']} clean)")
     c.print(f"scanned {m['n_rows']} pairs with {', '.join(m['detectors'])} in {m['seconds']:.0f} s; wrote {a.out}")
     return 0
-
-
-SCANS: dict = {}
 
 
 def cmd_list(a) -> int:
@@ -606,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {"demo": cmd_demo, "world": cmd_world, "poison": cmd_poison, "train": cmd_train,
-                "evaluate": cmd_evaluate, "list": cmd_list,
-                "sweep": cmd_sweep, "report": cmd_report, "scan": cmd_scan}
+                "evaluate": cmd_evaluate, "list": cmd_list, "scan": cmd_scan,
+                "sweep": cmd_sweep, "report": cmd_report}
     from .data.csvdata import ALLOW_OUTSIDE_PATHS
 
     token = ALLOW_OUTSIDE_PATHS.set(getattr(args, "allow_outside_paths", False))

@@ -192,6 +192,22 @@ FIG3_MAX_PAIRS = 1_000_000
 
 
 @dataclass
+class ModelScanConfig:
+    """Blind trigger inversion on a checkpoint (``defenses/model_scan.py``), after DECREE (Feng et
+    al., CVPR 2023): the smallest mask whose stamp collapses the image embeddings."""
+
+    seed: int = SEED
+    # Images the trigger is optimised on; up to as many others from the same folder, held out,
+    # give the z-score (both halves shrink to half of what is there when the folder is smaller).
+    max_images: int = 512
+    # Collapse threshold on the mean cosine over distinct pairs of a batch: DECREE's default.
+    threshold: float = 0.99
+    max_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 0.1  # Adam on the mask and pattern logits (DECREE: betas 0.5, 0.9)
+
+
+@dataclass
 class DemoConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     targeted: TargetedConfig = field(default_factory=TargetedConfig)

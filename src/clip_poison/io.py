@@ -146,7 +146,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 
 # One of these in a folder marks it as a clip-poison output (world, poison set, checkpoint, demo),
 # the only kind of folder --overwrite may delete.
-OUTPUT_MARKERS = ("world.json", "manifest.json", "train.json", "open_clip_config.json", "summary.json")
+OUTPUT_MARKERS = ("world.json", "manifest.json", "train.json", "open_clip_config.json", "summary.json", "scan.json")
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, s3://, https:// ...
 
 
