@@ -177,14 +177,6 @@ class ScanDataConfig:
     reference_n: int = 2000
 
 
-@dataclass
-class ScanModelConfig:
-    """The blind model scan of a run's victim (``defenses/model_scan.py``), ``defense.scan_model``."""
-
-    # Clean unlabelled images the trigger is inverted on (half) and its z-score measured on (half).
-    max_images: int = 512
-
-
 # Labelled images a synthetic world renders for the linear probe when no size is asked.
 PROBE_N = 2000
 # Image pairs sampled for Figure 3's histograms (§5.1); fewer pairs than this are all used.

@@ -36,7 +36,7 @@ from ..config import ModelScanConfig, to_dict
 from ..data.evalsets import EvalSet, load_evalset, load_wds_evalset
 from ..data.worldfolder import world_eval_pointer
 from ..io import UserError, atomic_dir, atomic_write_bytes, atomic_write_json, check_out, package_versions, \
-    png_bytes, rng_for, sha256_file
+    png_bytes, resize_to_input, rng_for, sha256_file
 from ..metrics.embed import split_preprocess
 from ..metrics.zscore import backdoor_z_score, pair_similarity_moments
 from ..victims.export import CONFIG, WEIGHTS, load_victim
@@ -173,6 +173,52 @@ def load_scan_images(images_root: str | Path, split: str, n: int) -> EvalSet:
     return load_evalset(root, split, n)
 
 
+def trigger_rgb(inv: dict) -> np.ndarray:
+    """The inverted stamp m·p on mid-grey, H×W×3 in [0, 1] (what trigger.png shows)."""
+    m3 = inv["mask"][..., None]
+    return (1 - m3) * 0.5 + m3 * inv["pattern"].transpose(1, 2, 0)
+
+
+def scan_images(model, preprocess, images: list[np.ndarray], cfg: ModelScanConfig,
+                progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
+    """The scan proper on decoded images: a seeded split into ``cfg.max_images`` to optimise on and
+    up to as many held out for the z-score; returns (result fields, the inversion)."""
+    model.requires_grad_(False)  # only the trigger is optimised; the weights are never touched
+    to_tensor, normalize = split_preprocess(preprocess)
+    x = torch.stack([to_tensor(Image.fromarray(im)) for im in images])
+    order = rng_for(cfg.seed, "scan-model/heldout").permutation(len(x))
+    n_held = min(cfg.max_images, len(x) // 2)
+    opt_idx, held_idx = order[n_held:][:cfg.max_images], order[:n_held]
+
+    def encode(t: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(normalize(t), normalize=True)
+
+    inv = invert_trigger(encode, x[torch.from_numpy(opt_idx)], cfg, progress)
+    z = trigger_z_score(encode, x[torch.from_numpy(held_idx)], inv["mask"], inv["pattern"])
+    h, w = inv["mask"].shape
+    return {"pl1": inv["pl1"], "reached": inv["reached"], "z": z["z"], "zscore": z,
+            "collapse_threshold": cfg.threshold, "mean_cosine": inv["mean_cosine"],
+            "clean_mean_cosine": inv["clean_mean_cosine"], "steps": inv["steps"],
+            "best_step": inv["best_step"], "lambda": inv["lambda"], "input_size": [h, w],
+            "n_images": len(opt_idx), "n_heldout": len(held_idx), "seed": cfg.seed}, inv
+
+
+def scan_model_run(checkpoint: str | Path, images: list[np.ndarray], cfg: dict, seed: int) -> dict:
+    """The run loop's model scan of one victim on clean images it never saw (the run's seed drives
+    the split and the start); the inverted stamp is kept as a base64 PNG for the report."""
+    import base64
+
+    t0 = time.time()
+    model, preprocess, _ = load_victim(checkpoint)
+    size = model.visual.image_size
+    size = int(size if isinstance(size, int) else size[0])
+    result, inv = scan_images(model, preprocess, [resize_to_input(im, size) for im in images],
+                              ModelScanConfig(**{**cfg, "seed": seed}))
+    result["trigger_png_base64"] = base64.b64encode(png_bytes(np.rint(trigger_rgb(inv) * 255).astype(np.uint8))).decode()
+    result["seconds"] = round(time.time() - t0, 2)
+    return result
+
+
 def scan_model(checkpoint: str | Path, images_root: str | Path, out: str | Path, split: str = "test",
                cfg: ModelScanConfig = ModelScanConfig(), overwrite: bool = False,
                progress: Callable[[int, int], None] | None = None) -> dict:
@@ -198,35 +244,17 @@ def scan_model(checkpoint: str | Path, images_root: str | Path, out: str | Path,
     if len(found) < 4:
         raise UserError(f"{images_root} holds {len(found)} image(s); the scan needs at least 4 (2 to optimise on, "
                         "2 held out for the z-score); point --images at a folder with more")
-    model.requires_grad_(False)  # only the trigger is optimised; the weights are never touched
-    to_tensor, normalize = split_preprocess(preprocess)
-    x = torch.stack([to_tensor(Image.fromarray(im)) for im in found.images])
-    order = rng_for(cfg.seed, "scan-model/heldout").permutation(len(x))
-    n_held = min(cfg.max_images, len(x) // 2)
-    opt_idx, held_idx = order[n_held:][:cfg.max_images], order[:n_held]
-
-    def encode(t: torch.Tensor) -> torch.Tensor:
-        return model.encode_image(normalize(t), normalize=True)
-
-    inv = invert_trigger(encode, x[torch.from_numpy(opt_idx)], cfg, progress)
-    z = trigger_z_score(encode, x[torch.from_numpy(held_idx)], inv["mask"], inv["pattern"])
-    h, w = inv["mask"].shape
-    result = {"pl1": inv["pl1"], "reached": inv["reached"], "z": z["z"], "zscore": z,
-              "collapse_threshold": cfg.threshold, "mean_cosine": inv["mean_cosine"],
-              "clean_mean_cosine": inv["clean_mean_cosine"], "steps": inv["steps"],
-              "best_step": inv["best_step"], "lambda": inv["lambda"], "input_size": [h, w],
-              "n_images": len(opt_idx), "n_heldout": len(held_idx), "seed": cfg.seed,
-              "checkpoint": {"path": str(ckpt.resolve()), "weights_sha256": sha256_file(ckpt / WEIGHTS),
-                             "config_sha256": sha256_file(ckpt / CONFIG)},
-              "images": {"root": str(Path(found.source).resolve()), "split": found.split},
-              "config": to_dict(cfg), "versions": package_versions()}
-    m3 = inv["mask"][..., None]
+    result, inv = scan_images(model, preprocess, found.images, cfg, progress)
+    result.update({"checkpoint": {"path": str(ckpt.resolve()), "weights_sha256": sha256_file(ckpt / WEIGHTS),
+                                  "config_sha256": sha256_file(ckpt / CONFIG)},
+                   "images": {"root": str(Path(found.source).resolve()), "split": found.split},
+                   "config": to_dict(cfg), "versions": package_versions()})
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        atomic_write_bytes(tmp / "trigger.png", _preview((1 - m3) * 0.5 + m3 * inv["pattern"].transpose(1, 2, 0)))
-        atomic_write_bytes(tmp / "mask.png", _preview(np.repeat(m3, 3, axis=2)))
+        atomic_write_bytes(tmp / "trigger.png", _preview(trigger_rgb(inv)))
+        atomic_write_bytes(tmp / "mask.png", _preview(np.repeat(inv["mask"][..., None], 3, axis=2)))
         result["seconds"] = round(time.time() - t0, 2)
         atomic_write_json(tmp / "scan.json", result)
     return result
 
 
-__all__ = ["invert_trigger", "trigger_z_score", "scan_model", "load_scan_images", "stamp", "mean_pair_cosine"]
+__all__ = ["invert_trigger", "trigger_z_score", "scan_model", "scan_images", "scan_model_run", "trigger_rgb", "load_scan_images", "stamp", "mean_pair_cosine"]

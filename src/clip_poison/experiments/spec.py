@@ -214,18 +214,21 @@ def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec")
 
 
 def resolve_defense(d: dict, where: str) -> dict:
-    """``defense:`` with every field of its scans filled in (``ScanDataConfig``, ``ScanModelConfig``),
-    so a run's config (and id) says exactly what was scanned and how."""
-    from ..config import ScanDataConfig, ScanModelConfig
+    """``defense:`` with every field of its scans filled in (``ScanDataConfig``, ``ModelScanConfig``),
+    so a run's config (and id) says exactly what was scanned and how. The model scan's seed is the
+    run's (one seed per run), so a spec may not set it."""
+    from ..config import ModelScanConfig, ScanDataConfig
     from ..defenses.detectors import DETECTORS
 
-    kinds = {"scan_data": ScanDataConfig, "scan_model": ScanModelConfig}
+    kinds = {"scan_data": ScanDataConfig, "scan_model": ModelScanConfig}
     out = {}
     for name, vals in d.items():
         if name not in kinds or not isinstance(vals, dict):
             raise UserError(f"{where}: defense.{name} is not a scan; use {sorted(kinds)}, each a mapping of its settings")
+        if "seed" in vals:
+            raise UserError(f"{where}: defense.{name}.seed is set from the run's seed; list seeds under `seeds:` instead")
         try:
-            out[name] = to_dict(kinds[name](**vals))
+            out[name] = {k: v for k, v in to_dict(kinds[name](**vals)).items() if k != "seed"}
         except TypeError as e:
             raise UserError(f"{where}: bad defense.{name} ({e}); its fields are "
                             f"{sorted(f.name for f in dataclasses.fields(kinds[name]))}") from None
