@@ -73,6 +73,8 @@ def load_results(sweep_dir: str | Path) -> tuple[pd.DataFrame, list[dict]]:
                 rows.append({**base, "backdoor.patch_size": b["patch_size"], "backdoor.trigger": b["trigger"],
                              "backdoor.target_label": b["label"], "backdoor.n_poisons": 0,
                              "zeroshot_accuracy": r["metrics"]["zeroshot_accuracy"],
+                             # the victim's own scans (one victim, so the same on each trigger's row)
+                             **{k: v for k, v in r["metrics"].items() if k.startswith("model_scan/")},
                              "backdoor_asr_consistent": b["asr_consistent"], "backdoor_asr_random": b["asr_random"],
                              "backdoor_z_consistent": b["z_consistent"], "backdoor_z_random": b["z_random"],
                              **({"probe_accuracy": r["metrics"]["probe_accuracy"]} if "probe_accuracy" in r["metrics"] else {}),
@@ -365,6 +367,99 @@ def detection_md(df: pd.DataFrame, axes: list[str], axis_values: dict | None = N
     return lines
 
 
+def model_scan_md(df: pd.DataFrame, raws: list[dict], axes: list[str], out: Path) -> list[str]:
+    """The blind model scan (columns ``model_scan/pl1``, ``model_scan/z``): how well each separates
+    backdoored from clean victims (ROC-AUC over victims: a smaller PL1, a larger z = more
+    suspicious), per point PL1 and z [95 % t interval], and a figure of the inverted stamps beside
+    the true trigger."""
+    from sklearn.metrics import roc_auc_score
+
+    from ..metrics.stats import summarize
+
+    if "model_scan/pl1" not in df.columns:
+        return []
+    v = df.dropna(subset=["model_scan/pl1"]).drop_duplicates("run_id")
+    y = (~v["clean"]).to_numpy(int)
+    lines = ["## Model scan: is the victim backdoored? (blind trigger inversion)", "",
+             "`clip-poison scan model` on every victim: the smallest mask m (and pattern p) whose stamp "
+             "x' = (1-m)x + mp makes the image embeddings of clean photos collapse (mean pairwise cosine >= "
+             "0.99, DECREE's threshold); PL1 = ||m||_1 / (H W). z: Definition 1's z-score of the inverted "
+             "stamp on held-out clean photos. The scan never sees the true trigger.", ""]
+    if 0 < y.sum() < len(y):
+        lines += [f"Separation over {int(y.sum())} backdoored and {int(len(y) - y.sum())} clean victims "
+                  f"(ROC-AUC; 0.5 = chance): PL1 (smaller = suspicious) "
+                  f"**{roc_auc_score(y, -v['model_scan/pl1'].to_numpy(float)):.3f}**, blind z (larger = "
+                  f"suspicious) **{roc_auc_score(y, v['model_scan/z'].to_numpy(float)):.3f}**.", ""]
+    attack_axes = [a for a in axes if a in v.columns and a.split(".")[0] in ("backdoor", "targeted", "craft")]
+    rows = []
+    for key, g in v.groupby(["clean"] + attack_axes, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = {"victims": "clean" if key[0] else ", ".join(f"{a.split('.')[-1]}={x}" for a, x in zip(attack_axes, key[1:]))}
+        for m in ("model_scan/pl1", "model_scan/z"):
+            sm = summarize(g[m].to_numpy(float))
+            row[m.split("/")[1]] = (f"{sm['mean']:.4f} [{sm['ci_low']:.4f}, {sm['ci_high']:.4f}]" if sm["n"] > 1
+                                    else f"{sm['mean']:.4f}")
+        row["n"] = len(g)
+        rows.append(row)
+    lines += [_md_table(pd.DataFrame(rows)), ""]
+    fig_path = _inverted_triggers_figure(raws, out)
+    if fig_path is not None:
+        lines += [f"![inverted triggers]({fig_path.name})", ""]
+    return lines
+
+
+def _inverted_triggers_figure(raws: list[dict], out: Path) -> Path | None:
+    """Inverted stamps (on mid-grey) per victim, a row per point, beside the true trigger stamped
+    on mid-grey at its consistent position."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ..attacks.triggers import get_trigger
+    from ..io import decode_image
+
+    ok = [r for r in raws if r.get("status") == "ok" and "scan_model" in (r.get("defense") or {})]
+    if not ok:
+        return None
+    def label(r):
+        if r["clean"]:
+            return "clean"
+        b = r["config"].get("backdoor") or {}
+        return f"{b.get('trigger', r['attack'])}, {r['n_poisons']} poisons"
+    groups: dict[str, list[dict]] = {}
+    for r in sorted(ok, key=lambda r: (not r["clean"], r["n_poisons"], str(label(r)), r["seed"])):
+        groups.setdefault(label(r), []).append(r)
+    ncol = 1 + max(len(g) for g in groups.values())
+    fig, axs = plt.subplots(len(groups), ncol, figsize=(max(6.0, 1.35 * ncol), 1.6 * len(groups) + 0.5),
+                            squeeze=False)
+    for ax in axs.ravel():
+        ax.axis("off")
+    for row, (name, rs) in enumerate(groups.items()):
+        b = next((r["config"].get("backdoor") for r in rs if r["config"].get("backdoor")), None)
+        if b is not None and not rs[0]["clean"]:
+            size = rs[0]["defense"]["scan_model"]["input_size"][0]
+            t = get_trigger(b["trigger"], b.get("patch_size"), size)
+            grey = np.full((size, size, 3), 128, np.uint8)
+            axs[row][0].imshow(t.stamp(grey, t.position(grey.shape, "consistent")), interpolation="nearest")
+            axs[row][0].set_title(f"true trigger\n{name}", fontsize=7)
+        else:
+            axs[row][0].text(0.5, 0.5, f"{name}\nvictims", ha="center", va="center", fontsize=8)
+        for col, r in enumerate(rs, start=1):
+            sm = r["defense"]["scan_model"]
+            img = decode_image(base64.b64decode(sm["trigger_png_base64"]))
+            axs[row][col].imshow(img, interpolation="nearest")
+            axs[row][col].set_title(f"seed {r['seed']}\nPL1 {sm['pl1']:.3f}, z {sm['z']:.2f}", fontsize=6)
+    fig.suptitle("Model scan: inverted stamps m·p on mid-grey (blind) beside the true trigger", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    path = out / "fig-model-scan.png"
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def _md_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -429,6 +524,7 @@ def build_report(sweep_or_results: str | Path, out: str | Path | None = None) ->
     md += ["## Summary (mean ± std over seeds)", "", _md_table(summ.reset_index()), ""]
     md += statistics_md(df, axes, metrics, meta.get("axes"))
     md += detection_md(df, axes, meta.get("axes"))
+    md += model_scan_md(df, raws, axes, out)
     cols = ["run_id", "seed", "clean"] + axes + ["n_poisons", "poison_rate"] + metrics
     runs = df[[c for c in dict.fromkeys(cols) if c in df.columns]].copy()
     runs["run_id"] = [f"[{i}](results/{i}.json)" for i in runs["run_id"]]
