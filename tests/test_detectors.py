@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip_poison.defenses.detectors import DETECTORS, gmm_split, lid_mle, score_pairs
+from clip_poison.defenses.detectors import DETECTORS, _ivf_index, _knn, _unit_rows, gmm_split, lid_mle, score_pairs
 from clip_poison.io import UserError
 from clip_poison.metrics.detection import detection_metrics
 
@@ -28,41 +28,65 @@ def _top(scores, m):
     return set(np.argsort(-scores, kind="stable")[:m].tolist())
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("name", ["k-dist", "slof", "dao"])
-def test_density_detectors_rank_planted_outliers_first(name):
+def test_density_detectors_rank_planted_outliers_first(name, exact):
     emb, m = _clustered()
     before = emb.copy()
-    s = score_pairs(name, image_emb=emb, k=5)
+    s = score_pairs(name, image_emb=emb, k=5, exact=exact)
     assert s.shape == (len(emb),) and np.isfinite(s).all()
     assert _top(s, m) == set(range(len(emb) - m, len(emb)))
     np.testing.assert_array_equal(emb, before)  # input untouched
-    np.testing.assert_array_equal(s, score_pairs(name, image_emb=emb, k=5))  # deterministic
+    np.testing.assert_array_equal(s, score_pairs(name, image_emb=emb, k=5, exact=exact))  # deterministic
     is_poison = np.arange(len(emb)) >= len(emb) - m
     assert detection_metrics(s, is_poison)["roc_auc"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("name", ["k-dist", "slof", "dao"])
-def test_repeated_poisons_look_dense_unless_scored_against_a_clean_reference(name):
+def test_repeated_poisons_look_dense_unless_scored_against_a_clean_reference(name, exact):
     # The targeted attack's pitfall: 8 copies of one x' (> k) are each other's neighbours.
     clean, _ = _clustered(n_out=0)
     rng = np.random.default_rng(1)
     x_prime = _unit(rng.normal(size=(1, D)))
     poisons = _unit(x_prime + 1e-4 * rng.normal(size=(8, D)))
     emb = np.vstack([clean, poisons])
-    alone = score_pairs(name, image_emb=emb, k=5)
+    alone = score_pairs(name, image_emb=emb, k=5, exact=exact)
     is_poison = np.arange(len(emb)) >= len(clean)
     assert detection_metrics(alone, is_poison)["roc_auc"] < 0.75  # they hide among clean points
     ref = clean[:120].copy()  # a clean sample covering all four clusters
-    s = score_pairs(name, image_emb=emb, k=5, reference=ref)
+    s = score_pairs(name, image_emb=emb, k=5, reference=ref, exact=exact)
     assert _top(s, 8) == set(range(len(emb) - 8, len(emb)))
     np.testing.assert_array_equal(ref, clean[:120])
 
 
-def test_reference_containing_the_scanned_points_drops_them_as_self():
+@pytest.mark.parametrize("exact", [True, False])
+def test_reference_containing_the_scanned_points_drops_them_as_self(exact):
     emb, m = _clustered()
-    s_self = score_pairs("k-dist", image_emb=emb, k=5)
-    s_ref = score_pairs("k-dist", image_emb=emb, k=5, reference=emb)
+    s_self = score_pairs("k-dist", image_emb=emb, k=5, exact=exact)
+    s_ref = score_pairs("k-dist", image_emb=emb, k=5, reference=emb, exact=exact)
     np.testing.assert_allclose(s_ref, s_self, atol=1e-12)
+
+
+def test_approximate_neighbours_keep_99_percent_of_the_exact_ones():
+    # 4,000 points in 40 clusters: the IVF index must really approximate (probe fewer lists than
+    # it has) and still find >= 99 % of the exact k nearest (ties within 1e-12 count as found).
+    rng = np.random.default_rng(5)
+    centres = _unit(rng.normal(size=(40, D)))
+    emb = _unit_rows(centres[rng.integers(0, 40, 4000)] + 0.15 * rng.normal(size=(4000, D)), "emb")
+    k = 10
+    index, _ = _ivf_index(emb.astype(np.float32), emb.astype(np.float32), k + 1)
+    assert 1 <= index.nprobe < index.nlist
+    d_exact, i_exact = _knn(emb, emb, k, same=True, exact=True)
+    d_approx, i_approx = _knn(emb, emb, k, same=True, exact=False)
+    assert np.mean(d_approx <= d_exact[:, -1:] + 1e-12) >= 0.99
+    assert not (i_approx == np.arange(len(emb))[:, None]).any()  # self excluded
+    assert (np.diff(d_approx, axis=1) >= 0).all()  # sorted
+    # distances are float64 cosines of the pairs found, whichever search found them
+    np.testing.assert_allclose(d_approx, 1 - np.einsum("ij,ikj->ik", emb, emb[i_approx]), atol=1e-15)
+    again = _knn(emb, emb, k, same=True, exact=False)
+    np.testing.assert_array_equal(again[0], d_approx)
+    np.testing.assert_array_equal(again[1], i_approx)
 
 
 def test_lid_mle_by_hand():
@@ -134,6 +158,7 @@ def test_near_duplicate_by_pixel_hash():
     ("near-duplicate", dict(captions=["a", "b"], image_emb=np.eye(3)), "captions"),
     ("near-duplicate", dict(captions=["a", "b"]), "needs"),
     ("near-duplicate", dict(captions=[], image_emb=np.eye(3)), "empty"),
+    ("k-dist", dict(image_emb=np.eye(4), k=2, exact="yes"), "exact must be"),
     ("nope", {}, "unknown detector"),
 ])
 def test_bad_inputs_are_user_errors(name, kwargs, match):

@@ -7,8 +7,27 @@ modified, and the same inputs give the same scores. Scoring against the manifest
 ``metrics/detection.py``.
 
 Neighbour-based detectors (``k-dist``, ``slof``, ``dao``) work on L2-normalised image embeddings
-with cosine distance 1 − cos, by exact (brute-force) search: no approximate index, so scores are
-reproducible to the bit and ties are resolved the same way every time.
+with cosine distance 1 − cos (inner product of unit rows).
+
+Neighbour search (faiss; ``exact=None`` picks by size, True/False force a path):
+- up to EXACT_MAX = 50,000 points, exact brute force (``faiss.IndexFlatIP``): 1.3 TFLOP at 50,000,
+  25 s on one core of the project machine, and growing as N² beyond (100,000: ~100 s; 1,000,000:
+  hours). Below that an index saves little: on the benchmark's clustered embeddings at 20,000 and
+  50,000 points (a few points per class) the approximate search needed over a quarter of its
+  lists for its recall and was no faster (``benchmarks/bench_neighbours.py``).
+- beyond, IVF-Flat with nprobe calibrated on each call (``_ivf_index``): the smallest nprobe that
+  finds >= 99.5 % of the exact k+1 neighbours of 1,000 seeded sample queries, so >= 99 % of the k
+  kept. Chosen over HNSW by measurement: at 1,000,000 clustered 512-d points IVF (nlist 2,048)
+  found 99.4 % of the 10 nearest at nprobe 2 and 99.75 % at 4, while HNSW (M 32, efConstruction
+  80) took 32 s on one (busy) core to build over just 50,000 points (~N log N: many minutes at 1M);
+  HNSW's multi-threaded build is also not reproducible, while IVF's k-means is seeded and its
+  all-against-all search runs list by list through BLAS (``faiss.contrib.big_batch_search``).
+- faiss works in float32. It only chooses the k+1 candidates; their distances are recomputed in
+  float64 and sorted, so distances, exact duplicates at 0 and self-detection are as before. What
+  float32 changes: which neighbour wins a near-tie (|Δcos| below ~1e-7), and, on the IVF path,
+  the up to 1 % of true neighbours missed (then a farther one stands in, so k-distances can only
+  grow). Same inputs and thread count give the same bytes; another BLAS thread count can flip a
+  near-tie.
 
 Pitfall of every density score here: poisons that outnumber k look *dense*, not outlying. The
 targeted attack repeats one image x' many times (with different captions), so its copies are each
@@ -20,12 +39,18 @@ as "self". ``near-duplicate`` is the scan aimed at exactly those repeated images
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Callable
 
+import faiss
 import numpy as np
+from faiss.contrib.big_batch_search import big_batch_search
+from faiss.contrib.ivf_tools import add_preassigned
 
 from ..io import UserError, sha256_pixels
 
+log = logging.getLogger(__name__)
 DETECTORS: dict[str, Callable[..., np.ndarray]] = {}
 _EPS = 1e-12  # floor for distances that divide or go into a log (exact duplicates have distance 0)
 
@@ -45,6 +70,13 @@ def score_pairs(name: str, **inputs) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- input checks and neighbours
+
+EXACT_MAX = 50_000  # base points searched exactly; see "Neighbour search" above
+RECALL = 0.995  # of the k+1 searched, so >= 0.99 of the k kept once self is dropped (k >= 1)
+_CALIBRATION_QUERIES = 1000  # sample on which the approximate search's nprobe is measured
+_KMEANS_SEED = 0  # faiss k-means (IVF lists): fixed, so the same data gives the same index
+_TOL32 = 1e-5  # float32 cosines computed by different kernels agree to ~1e-7; margin above that
+
 
 def _unit_rows(x, what: str) -> np.ndarray:
     """A float64 copy of ``x`` with unit rows; the caller's array is never touched."""
@@ -67,14 +99,89 @@ def _check_k(k: int, n: int, what: str, minimum: int = 1) -> int:
     return int(k)
 
 
-def _knn(query: np.ndarray, base: np.ndarray, k: int, same: bool) -> tuple[np.ndarray, np.ndarray]:
+def _check_exact(exact) -> None:
+    if exact is not None and not isinstance(exact, (bool, np.bool_)):
+        raise UserError(f"exact must be True (brute force), False (approximate IVF index) or None "
+                        f"(exact up to {EXACT_MAX:,} points), got {exact!r}")
+
+
+def _use_exact(exact, n_base: int) -> bool:
+    return n_base <= EXACT_MAX if exact is None else bool(exact)
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _ivf_index(base32: np.ndarray, query32: np.ndarray, k: int,
+               same: bool = False) -> tuple[faiss.IndexIVFFlat, np.ndarray | None]:
+    """An IVF-Flat inner-product index over ``base32`` whose nprobe is the smallest step of a
+    x1.4 ladder (or all lists) that finds >= RECALL of the exact k nearest neighbours of a seeded sample of
+    ``query32`` (ties within float32 resolution count as found); and, when ``same`` (query is
+    base), the queries' coarse assignment to their nprobe lists (else None).
+
+    nlist ~ 2·sqrt(N): every point is a query here, so the coarse assignment (N·nlist dot
+    products) costs as much as the list scans (N·nprobe·N/nlist); they balance at
+    nlist = sqrt(nprobe·N), and nprobe is a few on clustered data. At least 39 training points
+    per list (faiss's own minimum); k-means on <= 64 per list, 10 iterations, fixed seed. One
+    coarse assignment of the base (its nearest 32 lists) serves both adding it and searching it."""
+    n, d = base32.shape
+    nlist = max(1, min(round(2 * np.sqrt(n)), n // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed, index.cp.niter, index.cp.max_points_per_centroid = _KMEANS_SEED, 10, 64
+    index.train(base32)
+    _, assign = index.quantizer.search(base32, min(nlist, 32) if same else 1)
+    add_preassigned(index, base32, assign[:, 0].copy())
+    rng = np.random.default_rng(_KMEANS_SEED)
+    sample = query32[np.sort(rng.choice(len(query32), min(_CALIBRATION_QUERIES, len(query32)), replace=False))]
+    exact_sim, _ = faiss.knn(sample, base32, k, metric=faiss.METRIC_INNER_PRODUCT)
+    ladder = np.unique(np.round(np.sqrt(2) ** np.arange(2 * np.log2(nlist) + 1)).astype(int))
+    for nprobe in [p for p in ladder if p < nlist] + [nlist]:  # steps of ~x1.4: 1, 2, 3, 4, 6, 8, 11, 16, ...
+        index.nprobe = int(nprobe)
+        sim, _ = index.search(sample, k)
+        recall = float(np.mean(sim >= exact_sim[:, -1:] - _TOL32))
+        if recall >= RECALL:
+            break
+    log.info("IVF-Flat over %d points: nlist=%d, nprobe=%d (recall@%d %.4f on %d sampled queries)",
+             n, nlist, index.nprobe, k, recall, len(sample))
+    shared = same and index.nprobe <= assign.shape[1]
+    return index, (assign[:, :index.nprobe].astype(np.int32) if shared else None)
+
+
+def _cosine_distances(query: np.ndarray, base: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """1 − cos(query_i, base_idx[i, j]) in float64, in chunks so base[idx] stays small."""
+    out = np.empty(idx.shape)
+    for s in range(0, len(idx), 4096):
+        out[s:s + 4096] = np.matmul(base[idx[s:s + 4096]], query[s:s + 4096, :, None])[..., 0]
+    return np.clip(1.0 - out, 0.0, None)  # 1 − cos of unit vectors can round to -1e-16
+
+
+def _knn(query: np.ndarray, base: np.ndarray, k: int, same: bool,
+         exact: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cosine distances (N, k) and indices (N, k) of each query's k nearest points of ``base``,
     self excluded. ``same``: query is base, so row i's self is index i. Otherwise a base point at
-    distance ~0 is taken as the query itself (a reference that contains the scanned data)."""
-    from sklearn.neighbors import NearestNeighbors
-    nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(base)
-    dist, idx = nn.kneighbors(query)
-    dist = np.clip(dist, 0.0, None)  # 1 − cos of unit vectors can round to -1e-16
+    distance ~0 is taken as the query itself (a reference that contains the scanned data).
+
+    faiss picks the k+1 candidates in float32 (exact IndexFlatIP, or IVF-Flat searched list by
+    list with BLAS, ``faiss.contrib.big_batch_search``); their distances are then recomputed in
+    float64 and sorted, so distances, self-detection and ties are as exact as brute force in
+    float64 — only which neighbour wins a near-tie (|Δcos| <~ 1e-7) is float32's choice."""
+    q32 = _f32(query)
+    b32 = q32 if same else _f32(base)
+    if _use_exact(exact, len(base)):
+        index = faiss.IndexFlatIP(b32.shape[1])
+        index.add(b32)
+        _, idx = index.search(q32, k + 1)
+    else:
+        index, assign = _ivf_index(b32, q32, k + 1, same)
+        with contextlib.redirect_stdout(None):  # it prints a line per list even at verbose=0
+            _, idx = big_batch_search(index, q32, k + 1, q_assign=assign)
+        short = (idx < 0).any(axis=1)  # the probed lists held fewer than k+1 points
+        if short.any():
+            _, idx[short] = faiss.knn(q32[short], b32, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    dist = _cosine_distances(query, base, idx)
+    order = np.argsort(dist, axis=1, kind="stable")
+    dist, idx = np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)
     if same:
         # With exact duplicates self need not come first; drop it where it is, else the (k+1)-th.
         is_self = idx == np.arange(len(query))[:, None]
@@ -87,39 +194,41 @@ def _knn(query: np.ndarray, base: np.ndarray, k: int, same: bool) -> tuple[np.nd
     return dist[keep].reshape(len(query), k), idx[keep].reshape(len(query), k)
 
 
-def _neighbourhood(image_emb, k: int, reference, minimum_k: int = 1):
+def _neighbourhood(image_emb, k: int, reference, exact, minimum_k: int = 1):
     """(distances, indices) of each pair's k neighbours and the k-distance of every point those
     indices refer to (the scanned set itself, or the reference)."""
+    _check_exact(exact)
     emb = _unit_rows(image_emb, "image_emb")
     if reference is None:
         k = _check_k(k, len(emb), "image_emb", minimum_k)
-        dist, idx = _knn(emb, emb, k, same=True)
+        dist, idx = _knn(emb, emb, k, same=True, exact=exact)
         return dist, idx, dist[:, -1]
     ref = _unit_rows(reference, "reference")
     if ref.shape[1] != emb.shape[1]:
         raise UserError(f"reference has dimension {ref.shape[1]} but image_emb has {emb.shape[1]}")
     k = _check_k(k, len(ref), "reference", minimum_k)
-    dist, idx = _knn(emb, ref, k, same=False)
-    ref_dist, _ = _knn(ref, ref, k, same=True)  # neighbours' k-distances, measured inside the reference
+    dist, idx = _knn(emb, ref, k, same=False, exact=exact)
+    ref_dist, _ = _knn(ref, ref, k, same=True, exact=exact)  # neighbours' k-distances, inside the reference
     return dist, idx, ref_dist[:, -1]
 
 
 # ---------------------------------------------------------------- density detectors
 
 @register_detector("k-dist")
-def k_distance(image_emb, k: int = 10, reference=None) -> np.ndarray:
+def k_distance(image_emb, k: int = 10, reference=None, exact: bool | None = None) -> np.ndarray:
     """Cosine distance from each image embedding to its k-th nearest neighbour (self excluded).
-    Isolated images score high; see the module docstring for repeated poisons and ``reference``."""
-    dist, _, _ = _neighbourhood(image_emb, k, reference)
+    Isolated images score high; see the module docstring for repeated poisons and ``reference``,
+    and for ``exact`` (None: brute force up to EXACT_MAX points, an IVF index beyond)."""
+    dist, _, _ = _neighbourhood(image_emb, k, reference, exact)
     return dist[:, -1].copy()
 
 
 @register_detector("slof")
-def simplified_lof(image_emb, k: int = 10, reference=None) -> np.ndarray:
+def simplified_lof(image_emb, k: int = 10, reference=None, exact: bool | None = None) -> np.ndarray:
     """Simplified LOF (Schubert et al. 2014): k-dist(x) / mean over x's k neighbours n of k-dist(n).
     ~1 inside a cluster of even density, > 1 where x is sparser than its neighbours — which makes it
     robust to clusters of different spreads, unlike the raw k-distance."""
-    dist, idx, kd = _neighbourhood(image_emb, k, reference)
+    dist, idx, kd = _neighbourhood(image_emb, k, reference, exact)
     return dist[:, -1] / np.maximum(kd[idx].mean(axis=1), _EPS)
 
 
@@ -139,7 +248,8 @@ def lid_mle(dist: np.ndarray, cap: float) -> np.ndarray:
 
 
 @register_detector("dao")
-def dimensionality_aware_outlier(image_emb, k: int = 10, reference=None) -> np.ndarray:
+def dimensionality_aware_outlier(image_emb, k: int = 10, reference=None,
+                                 exact: bool | None = None) -> np.ndarray:
     """Dimensionality-aware outlier score (Huang et al., ICLR 2025), simple form:
 
         DAO(x) = (1/k) Σ_{n ∈ N_k(x)} ( r_k(x) / r_k(n) )^{LID(x)}
@@ -149,7 +259,7 @@ def dimensionality_aware_outlier(image_emb, k: int = 10, reference=None) -> np.n
     of different dimensionality (in d dimensions, volume — hence density — scales as r^d).
     Computed in log space; exponents are clipped at 700 so scores stay finite floats (np.exp(709)
     is the largest double), which only ties points that are all extreme outliers."""
-    dist, idx, kd = _neighbourhood(image_emb, k, reference, minimum_k=2)
+    dist, idx, kd = _neighbourhood(image_emb, k, reference, exact, minimum_k=2)
     lid = lid_mle(dist, cap=float(np.shape(image_emb)[1]))
     log_ratio = np.log(np.maximum(dist[:, -1:], _EPS)) - np.log(np.maximum(kd[idx], _EPS))
     from scipy.special import logsumexp
