@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from clip_poison.attacks.evasion import noisy_copies
+from clip_poison.config import WorldConfig
+from clip_poison.data.world import render_images
 from clip_poison.defenses.detectors import DETECTORS, _ivf_index, _knn, _unit_rows, gmm_split, lid_mle, score_pairs
 from clip_poison.io import UserError
 from clip_poison.metrics.detection import detection_metrics
@@ -128,7 +131,9 @@ def _duplicates_case():
 def test_near_duplicate_finds_repeated_images_with_other_captions():
     emb, caps = _duplicates_case()
     emb0, caps0 = emb.copy(), list(caps)
-    s = score_pairs("near-duplicate", captions=caps, image_emb=emb)
+    s = score_pairs("near-duplicate", captions=caps, image_emb=emb, threshold=0.98)
+    np.testing.assert_array_equal(s, score_pairs("near-duplicate", captions=caps, image_emb=emb,
+                                                 threshold=0.98, exact=False))
     assert _top(s, 8) == set(range(200, 208))
     assert s[10] == s[11] == 0 and (s[:200] == 0).all()
     # 8 copies, two share "a photo of a dog": those disagree with 6 others, the rest with 7
@@ -146,6 +151,38 @@ def test_near_duplicate_by_pixel_hash():
     assert s.tolist() == [0] * 5 + [2] * 3 + [0] * 12
 
 
+def test_near_duplicate_finds_noisy_copies_by_perceptual_hash_by_default():
+    # The targeted attack's dedup evasion: copies of x' with Gaussian noise (σ = 1 and 4 of 255),
+    # each under another caption. 150 distinct world images, distinct captions, score 0.
+    cfg = WorldConfig()
+    imgs = list(render_images(np.arange(151) % 10, cfg, "near-duplicate-test"))
+    x_prime = imgs.pop()
+    rng = np.random.default_rng(6)
+    copies = noisy_copies(x_prime, 8, 1.0, rng) + noisy_copies(x_prime, 8, 4.0, rng)
+    pixels = imgs + copies
+    caps = [f"a photo of thing {i}" for i in range(150)] + [f"a photo of a dog, take {i}" for i in range(16)]
+    pixels0 = [p.copy() for p in pixels]
+    s = score_pairs("near-duplicate", captions=caps, pixels=pixels)
+    assert (s[:150] == 0).all() and (s[150:] >= 8).all()  # each copy matches most of the other 15
+    assert detection_metrics(s, np.arange(166) >= 150)["roc_auc"] == 1.0
+    assert all(np.array_equal(a, b) for a, b in zip(pixels, pixels0))
+
+
+def test_near_duplicate_embeddings_need_an_explicit_threshold():
+    # A tiny victim's embeddings: every image within cos 0.98 of the others. A fixed 0.98 marks
+    # every pair (the demo's failure); there is no default, and pixels see only the real copies.
+    rng = np.random.default_rng(7)
+    emb = _unit(np.ones((40, D)) + 0.02 * rng.normal(size=(40, D)))
+    pixels = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(40)]
+    pixels[30:] = noisy_copies(pixels[30], 10, 1.0, rng)
+    caps = [f"c{i}" for i in range(40)]
+    assert (score_pairs("near-duplicate", captions=caps, image_emb=emb, threshold=0.98) > 0).all()
+    with pytest.raises(UserError, match="explicit threshold"):
+        score_pairs("near-duplicate", captions=caps, image_emb=emb)
+    s = score_pairs("near-duplicate", captions=caps, pixels=pixels)
+    assert s.tolist() == [0] * 30 + [9] * 10
+
+
 @pytest.mark.parametrize("name,kwargs,match", [
     ("k-dist", dict(image_emb=np.zeros((0, D))), "non-empty"),
     ("k-dist", dict(image_emb=np.eye(4), k=4), "k=4"),
@@ -158,6 +195,9 @@ def test_near_duplicate_by_pixel_hash():
     ("near-duplicate", dict(captions=["a", "b"], image_emb=np.eye(3)), "captions"),
     ("near-duplicate", dict(captions=["a", "b"]), "needs"),
     ("near-duplicate", dict(captions=[], image_emb=np.eye(3)), "empty"),
+    ("near-duplicate", dict(captions=["a", "b"], threshold=0.9, pixels=[np.zeros((4, 4), np.uint8)] * 2), "image_emb too"),
+    ("near-duplicate", dict(captions=["a", "b"], pixels=[np.zeros((4, 4))] * 2), "uint8"),
+    ("near-duplicate", dict(captions=["a", "b"], pixels=[np.zeros((4, 4), np.uint8)] * 2, phash_bits=40), "0..31"),
     ("k-dist", dict(image_emb=np.eye(4), k=2, exact="yes"), "exact must be"),
     ("nope", {}, "unknown detector"),
 ])

@@ -303,43 +303,128 @@ def gmm_split(scores, seed: int = 0) -> np.ndarray:
 
 # ---------------------------------------------------------------- repeated images, other captions
 
-@register_detector("near-duplicate")
-def near_duplicate(captions, image_emb=None, pixels=None, threshold: float = 0.98) -> np.ndarray:
-    """For each pair, the number of *other* pairs that show the same image — cosine of image
-    embeddings >= ``threshold``, or identical decoded pixels (``io.sha256_pixels``) — under a
-    different caption (compared after collapsing whitespace; case kept).
+PHASH_BITS = 6  # 64-bit pHashes this close count as one image; measured, see near_duplicate
+_RANGE_K = 10  # the approximate range search uses the nprobe that finds this many neighbours
 
-    Aimed at the targeted attack, which pairs one x' with many captions of the target label: its
-    copies form a group that disagrees about what the image shows. Web data has innocent
-    duplicates too (the same stock photo), but those usually repeat a caption, which scores 0.
-    Backdoor poisons are different images sharing only a small patch and are not caught here."""
+
+def _check_pixels(pixels, n: int) -> None:
+    if len(pixels) != n:
+        raise UserError(f"pixels has {len(pixels)} images but there are {n} captions")
+    for i, p in enumerate(pixels):
+        a = np.asarray(p)
+        if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+            raise UserError(f"pixels[{i}] is a {a.dtype} array of shape {a.shape}; near-duplicate needs "
+                            f"decoded uint8 images (H, W), (H, W, 3) or (H, W, 4), e.g. io.load_image")
+
+
+def _ordered_pairs(i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs (i, j) and (j, i), self-pairs dropped."""
+    code = np.unique(np.concatenate([i * n + j, j * n + i]))
+    i, j = code // n, code % n
+    return i[i != j], j[i != j]
+
+
+def _pixel_hash_pairs(pixels) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs with identical decoded pixels (``io.sha256_pixels``)."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pixels):
+        groups.setdefault(sha256_pixels(np.asarray(p)), []).append(i)
+    members = [np.array(m) for m in groups.values() if len(m) > 1]
+    if not members:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate([np.repeat(m, len(m)) for m in members]),
+            np.concatenate([np.tile(m, len(m)) for m in members]))
+
+
+def _phash_pairs(pixels, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs whose 64-bit perceptual hashes (``imagehash.phash``: signs of the 8x8 lowest DCT
+    frequencies of a 32x32 grey image, against their median) differ in <= ``bits`` bits. Exact:
+    faiss's multi-hash index cuts the code into bits+1 chunks, and two codes within ``bits`` of
+    each other agree on at least one whole chunk (pigeonhole), so every such pair is a candidate."""
+    import imagehash
+    from PIL import Image
+    codes = np.stack([np.packbits(imagehash.phash(Image.fromarray(np.asarray(p))).hash.ravel())
+                      for p in pixels])
+    index = faiss.IndexBinaryMultiHash(64, bits + 1, 64 // (bits + 1))
+    index.add(codes)
+    lims, _, j = index.range_search(codes, bits + 1)  # faiss keeps Hamming distances < radius
+    return np.repeat(np.arange(len(codes)), np.diff(lims).astype(np.int64)), j.astype(np.int64)
+
+
+def _embedding_pairs(emb: np.ndarray, threshold: float, exact) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs with cos >= ``threshold``: faiss range search in float32 with a margin, then the
+    float64 cosine decides (the 1e-9 keeps exact copies, cos rounded to 1 − 1e-16, at t = 1)."""
+    x32 = _f32(emb)
+    if _use_exact(exact, len(emb)):
+        index = faiss.IndexFlatIP(x32.shape[1])
+        index.add(x32)
+    else:
+        index, _ = _ivf_index(x32, x32, _RANGE_K)
+    lims, _, j = index.range_search(x32, threshold - _TOL32)  # faiss keeps inner products > radius
+    i, j = np.repeat(np.arange(len(emb)), np.diff(lims).astype(np.int64)), j.astype(np.int64)
+    keep = np.einsum("ij,ij->i", emb[i], emb[j]) >= threshold - 1e-9
+    return i[keep], j[keep]
+
+
+@register_detector("near-duplicate")
+def near_duplicate(captions, image_emb=None, pixels=None, threshold: float | None = None,
+                   phash_bits: int = PHASH_BITS, exact: bool | None = None) -> np.ndarray:
+    """For each pair, the number of *other* pairs that show the same image under a different
+    caption (captions compared after collapsing whitespace; case kept). Same image means any of:
+
+    - identical decoded pixels (``io.sha256_pixels``) — from ``pixels``;
+    - 64-bit perceptual hashes (``imagehash.phash``) within ``phash_bits`` bits — from ``pixels``;
+    - cosine of image embeddings >= ``threshold`` — only when both ``image_emb`` and an explicit
+      ``threshold`` are given (range search as in ``_knn``: brute force up to EXACT_MAX, else IVF).
+
+    Aimed at the targeted attack, which pairs one x' with many captions of the target label, its
+    copies made pixel-distinct with Gaussian noise (``attacks/evasion.py``): the copies form a
+    group that disagrees about what the image shows. Web data has innocent duplicates too (the
+    same stock photo), but those usually repeat a caption, which scores 0. Backdoor poisons are
+    different images sharing only a small patch and are not caught here.
+
+    Pixels are the default because an embedding threshold has no safe default: a tiny victim puts
+    every clean image at cos >= 0.98 of others, so the old fixed 0.98 flagged nearly every pair
+    (ROC-AUC 0.05 on the demo's targeted poisons). Choose ``threshold`` from the data, above the
+    clean pairs' nearest-neighbour cosines.
+
+    ``phash_bits`` = 6, measured on 32x32 images, 16 noisy copies of each of 50 images compared
+    pairwise: copies with σ = 1 (of 255) are within 6 bits of each other in 100 % of pairs on
+    CIFAR-10 test photos and 99.7 % on the synthetic world's renders; σ = 4 in 99.9 % and 91 %
+    (flat-shaded renders have a less stable pHash, but a copy still matches most of its group).
+    Distinct images within 6 bits: 0 of 2.0 M CIFAR-10 pairs, 31 of 4.5 M synthetic-world pairs."""
     caps = [" ".join(str(c).split()) for c in captions]
     n = len(caps)
     if n == 0:
         raise UserError("captions is empty; there are no pairs to scan")
     if image_emb is None and pixels is None:
-        raise UserError("near-duplicate needs image_emb, pixels or both")
-    if not 0.0 < threshold <= 1.0:
-        raise UserError(f"threshold is a cosine similarity in (0, 1], got {threshold}")
-    same = [set() for _ in range(n)]  # indices of other pairs showing the same image
+        raise UserError("near-duplicate needs pixels (exact and perceptual hashes), or image_emb "
+                        "with an explicit threshold, or both")
+    _check_exact(exact)
+    if pixels is not None:
+        _check_pixels(pixels, n)
+        if not isinstance(phash_bits, (int, np.integer)) or isinstance(phash_bits, bool) \
+                or not 0 <= phash_bits <= 31:
+            raise UserError(f"phash_bits is a Hamming distance between 64-bit hashes, an integer in "
+                            f"0..31, got {phash_bits!r}")
     if image_emb is not None:
         emb = _unit_rows(image_emb, "image_emb")
         if len(emb) != n:
             raise UserError(f"image_emb has {len(emb)} rows but there are {n} captions")
-        from sklearn.neighbors import NearestNeighbors
-        nn = NearestNeighbors(metric="cosine", algorithm="brute").fit(emb)
-        # cos >= t  <=>  1 − cos <= 1 − t; the 1e-9 keeps exact copies (cos rounded to 1 − 1e-16)
-        # in at t = 1. radius_neighbors works in chunks, so memory stays O(N · group size).
-        for i, nbrs in enumerate(nn.radius_neighbors(emb, radius=1.0 - threshold + 1e-9,
-                                                     return_distance=False)):
-            same[i].update(int(j) for j in nbrs if j != i)
+        if threshold is None:
+            raise UserError("image_emb needs an explicit threshold (a cosine in (0, 1]): no fixed "
+                            "value is safe, since a small victim puts all clean images at cos >= 0.98 "
+                            "of each other; pick one above the clean nearest-neighbour cosines, or "
+                            "scan pixels instead")
+        if not 0.0 < threshold <= 1.0:
+            raise UserError(f"threshold is a cosine similarity in (0, 1], got {threshold}")
+    elif threshold is not None:
+        raise UserError("threshold applies to image embeddings; pass image_emb too, or drop threshold")
+    found = []
     if pixels is not None:
-        if len(pixels) != n:
-            raise UserError(f"pixels has {len(pixels)} images but there are {n} captions")
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(pixels):
-            groups.setdefault(sha256_pixels(np.asarray(p)), []).append(i)
-        for members in groups.values():
-            for i in members:
-                same[i].update(j for j in members if j != i)
-    return np.array([sum(caps[j] != caps[i] for j in same[i]) for i in range(n)], dtype=np.float64)
+        found += [_pixel_hash_pairs(pixels), _phash_pairs(pixels, int(phash_bits))]
+    if image_emb is not None:
+        found.append(_embedding_pairs(emb, float(threshold), exact))
+    i, j = _ordered_pairs(np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]), n)
+    _, code = np.unique(caps, return_inverse=True)
+    return np.bincount(i[code[i] != code[j]], minlength=n).astype(np.float64)
