@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip_poison.defenses.detectors import DETECTORS, gmm_split, lid_mle, score_pairs
+from clip_poison.attacks.evasion import noisy_copies
+from clip_poison.config import WorldConfig
+from clip_poison.data.world import render_images
+from clip_poison.defenses.detectors import DETECTORS, _ivf_index, _knn, _unit_rows, gmm_split, lid_mle, score_pairs
 from clip_poison.io import UserError
 from clip_poison.metrics.detection import detection_metrics
 
@@ -28,41 +31,65 @@ def _top(scores, m):
     return set(np.argsort(-scores, kind="stable")[:m].tolist())
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("name", ["k-dist", "slof", "dao"])
-def test_density_detectors_rank_planted_outliers_first(name):
+def test_density_detectors_rank_planted_outliers_first(name, exact):
     emb, m = _clustered()
     before = emb.copy()
-    s = score_pairs(name, image_emb=emb, k=5)
+    s = score_pairs(name, image_emb=emb, k=5, exact=exact)
     assert s.shape == (len(emb),) and np.isfinite(s).all()
     assert _top(s, m) == set(range(len(emb) - m, len(emb)))
     np.testing.assert_array_equal(emb, before)  # input untouched
-    np.testing.assert_array_equal(s, score_pairs(name, image_emb=emb, k=5))  # deterministic
+    np.testing.assert_array_equal(s, score_pairs(name, image_emb=emb, k=5, exact=exact))  # deterministic
     is_poison = np.arange(len(emb)) >= len(emb) - m
     assert detection_metrics(s, is_poison)["roc_auc"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("exact", [True, False])
 @pytest.mark.parametrize("name", ["k-dist", "slof", "dao"])
-def test_repeated_poisons_look_dense_unless_scored_against_a_clean_reference(name):
+def test_repeated_poisons_look_dense_unless_scored_against_a_clean_reference(name, exact):
     # The targeted attack's pitfall: 8 copies of one x' (> k) are each other's neighbours.
     clean, _ = _clustered(n_out=0)
     rng = np.random.default_rng(1)
     x_prime = _unit(rng.normal(size=(1, D)))
     poisons = _unit(x_prime + 1e-4 * rng.normal(size=(8, D)))
     emb = np.vstack([clean, poisons])
-    alone = score_pairs(name, image_emb=emb, k=5)
+    alone = score_pairs(name, image_emb=emb, k=5, exact=exact)
     is_poison = np.arange(len(emb)) >= len(clean)
     assert detection_metrics(alone, is_poison)["roc_auc"] < 0.75  # they hide among clean points
     ref = clean[:120].copy()  # a clean sample covering all four clusters
-    s = score_pairs(name, image_emb=emb, k=5, reference=ref)
+    s = score_pairs(name, image_emb=emb, k=5, reference=ref, exact=exact)
     assert _top(s, 8) == set(range(len(emb) - 8, len(emb)))
     np.testing.assert_array_equal(ref, clean[:120])
 
 
-def test_reference_containing_the_scanned_points_drops_them_as_self():
+@pytest.mark.parametrize("exact", [True, False])
+def test_reference_containing_the_scanned_points_drops_them_as_self(exact):
     emb, m = _clustered()
-    s_self = score_pairs("k-dist", image_emb=emb, k=5)
-    s_ref = score_pairs("k-dist", image_emb=emb, k=5, reference=emb)
+    s_self = score_pairs("k-dist", image_emb=emb, k=5, exact=exact)
+    s_ref = score_pairs("k-dist", image_emb=emb, k=5, reference=emb, exact=exact)
     np.testing.assert_allclose(s_ref, s_self, atol=1e-12)
+
+
+def test_approximate_neighbours_keep_99_percent_of_the_exact_ones():
+    # 4,000 points in 40 clusters: the IVF index must really approximate (probe fewer lists than
+    # it has) and still find >= 99 % of the exact k nearest (ties within 1e-12 count as found).
+    rng = np.random.default_rng(5)
+    centres = _unit(rng.normal(size=(40, D)))
+    emb = _unit_rows(centres[rng.integers(0, 40, 4000)] + 0.15 * rng.normal(size=(4000, D)), "emb")
+    k = 10
+    index, _ = _ivf_index(emb.astype(np.float32), emb.astype(np.float32), k + 1)
+    assert 1 <= index.nprobe < index.nlist
+    d_exact, i_exact = _knn(emb, emb, k, same=True, exact=True)
+    d_approx, i_approx = _knn(emb, emb, k, same=True, exact=False)
+    assert np.mean(d_approx <= d_exact[:, -1:] + 1e-12) >= 0.99
+    assert not (i_approx == np.arange(len(emb))[:, None]).any()  # self excluded
+    assert (np.diff(d_approx, axis=1) >= 0).all()  # sorted
+    # distances are float64 cosines of the pairs found, whichever search found them
+    np.testing.assert_allclose(d_approx, 1 - np.einsum("ij,ikj->ik", emb, emb[i_approx]), atol=1e-15)
+    again = _knn(emb, emb, k, same=True, exact=False)
+    np.testing.assert_array_equal(again[0], d_approx)
+    np.testing.assert_array_equal(again[1], i_approx)
 
 
 def test_lid_mle_by_hand():
@@ -104,7 +131,9 @@ def _duplicates_case():
 def test_near_duplicate_finds_repeated_images_with_other_captions():
     emb, caps = _duplicates_case()
     emb0, caps0 = emb.copy(), list(caps)
-    s = score_pairs("near-duplicate", captions=caps, image_emb=emb)
+    s = score_pairs("near-duplicate", captions=caps, image_emb=emb, threshold=0.98)
+    np.testing.assert_array_equal(s, score_pairs("near-duplicate", captions=caps, image_emb=emb,
+                                                 threshold=0.98, exact=False))
     assert _top(s, 8) == set(range(200, 208))
     assert s[10] == s[11] == 0 and (s[:200] == 0).all()
     # 8 copies, two share "a photo of a dog": those disagree with 6 others, the rest with 7
@@ -164,6 +193,38 @@ def test_loss_dynamics_by_hand():
     np.testing.assert_allclose(s, want)
 
 
+def test_near_duplicate_finds_noisy_copies_by_perceptual_hash_by_default():
+    # The targeted attack's dedup evasion: copies of x' with Gaussian noise (σ = 1 and 4 of 255),
+    # each under another caption. 150 distinct world images, distinct captions, score 0.
+    cfg = WorldConfig()
+    imgs = list(render_images(np.arange(151) % 10, cfg, "near-duplicate-test"))
+    x_prime = imgs.pop()
+    rng = np.random.default_rng(6)
+    copies = noisy_copies(x_prime, 8, 1.0, rng) + noisy_copies(x_prime, 8, 4.0, rng)
+    pixels = imgs + copies
+    caps = [f"a photo of thing {i}" for i in range(150)] + [f"a photo of a dog, take {i}" for i in range(16)]
+    pixels0 = [p.copy() for p in pixels]
+    s = score_pairs("near-duplicate", captions=caps, pixels=pixels)
+    assert (s[:150] == 0).all() and (s[150:] >= 8).all()  # each copy matches most of the other 15
+    assert detection_metrics(s, np.arange(166) >= 150)["roc_auc"] == 1.0
+    assert all(np.array_equal(a, b) for a, b in zip(pixels, pixels0))
+
+
+def test_near_duplicate_embeddings_need_an_explicit_threshold():
+    # A tiny victim's embeddings: every image within cos 0.98 of the others. A fixed 0.98 marks
+    # every pair (the demo's failure); there is no default, and pixels see only the real copies.
+    rng = np.random.default_rng(7)
+    emb = _unit(np.ones((40, D)) + 0.02 * rng.normal(size=(40, D)))
+    pixels = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(40)]
+    pixels[30:] = noisy_copies(pixels[30], 10, 1.0, rng)
+    caps = [f"c{i}" for i in range(40)]
+    assert (score_pairs("near-duplicate", captions=caps, image_emb=emb, threshold=0.98) > 0).all()
+    with pytest.raises(UserError, match="explicit threshold"):
+        score_pairs("near-duplicate", captions=caps, image_emb=emb)
+    s = score_pairs("near-duplicate", captions=caps, pixels=pixels)
+    assert s.tolist() == [0] * 30 + [9] * 10
+
+
 @pytest.mark.parametrize("name,kwargs,match", [
     ("k-dist", dict(image_emb=np.zeros((0, D))), "non-empty"),
     ("k-dist", dict(image_emb=np.eye(4), k=4), "k=4"),
@@ -180,6 +241,10 @@ def test_loss_dynamics_by_hand():
     ("loss-dynamics", dict(pair_loss=np.ones((5, 1))), ">= 2 epochs"),
     ("loss-dynamics", dict(pair_loss=np.array([[1.0, np.inf], [1, 2]])), "infinite"),
     ("loss-dynamics", dict(pair_loss=np.array([[1.0, np.nan], [1, np.nan]])), "columns \\[1\\]"),
+    ("near-duplicate", dict(captions=["a", "b"], threshold=0.9, pixels=[np.zeros((4, 4), np.uint8)] * 2), "image_emb too"),
+    ("near-duplicate", dict(captions=["a", "b"], pixels=[np.zeros((4, 4))] * 2), "uint8"),
+    ("near-duplicate", dict(captions=["a", "b"], pixels=[np.zeros((4, 4), np.uint8)] * 2, phash_bits=40), "0..31"),
+    ("k-dist", dict(image_emb=np.eye(4), k=2, exact="yes"), "exact must be"),
     ("nope", {}, "unknown detector"),
 ])
 def test_bad_inputs_are_user_errors(name, kwargs, match):
@@ -213,3 +278,21 @@ def test_detection_metrics_by_hand():
 def test_detection_metrics_bad_inputs(scores, labels, match):
     with pytest.raises(UserError, match=match):
         detection_metrics(scores, labels)
+
+
+def test_near_duplicate_on_precomputed_hashes_equals_on_pixels():
+    """A scan streaming shards keeps only the hashes; they must give the pixels' scores."""
+    from clip_poison.defenses.detectors import phash_code
+    from clip_poison.io import sha256_pixels
+    rng = np.random.default_rng(8)
+    pixels = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(30)]
+    pixels[20:] = noisy_copies(pixels[20], 10, 1.0, rng)
+    pixels[5] = pixels[4].copy()
+    caps = [f"c{i}" for i in range(30)]
+    want = score_pairs("near-duplicate", captions=caps, pixels=pixels)
+    got = score_pairs("near-duplicate", captions=caps, pixel_sha=[sha256_pixels(p) for p in pixels],
+                      phash=np.stack([phash_code(p) for p in pixels]))
+    assert want[4] == want[5] == 1 and (want[20:] == 9).all()
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(UserError, match="together"):
+        score_pairs("near-duplicate", captions=caps, pixel_sha=["x"] * 30)

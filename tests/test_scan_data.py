@@ -37,14 +37,14 @@ def _scan(tiny_world, root, out, *extra):
 def test_scan_writes_scores_ranking_and_metrics_per_poison_set(tiny_world, scanned, tmp_path):
     before = {"world": sha256_tree(tiny_world), "t": sha256_tree(scanned / "t"), "b": sha256_tree(scanned / "b"),
               "w": sha256_file(scanned / "v" / WEIGHTS), "c": sha256_file(scanned / "v" / CONFIG)}
-    assert _scan(tiny_world, scanned, tmp_path / "s", "--detectors", "k-dist,clip-score",
+    assert _scan(tiny_world, scanned, tmp_path / "s", "--detectors", "k-dist,clip-score,near-duplicate",
                  "--reference", str(tiny_world / "eval"), "--k", "5") == 0
     scores = pd.read_parquet(tmp_path / "s" / "scores.parquet")
     pairs = pd.read_parquet(tmp_path / "s" / "pairs.parquet")
     n = 300 + 8 + 12
     assert list(scores.columns) == ["row", "detector", "score"] and len(pairs) == n
-    assert set(scores["detector"]) == {"k-dist", "k-dist+ref", "clip-score"}
-    assert (scores.groupby("detector")["row"].apply(sorted).apply(list) == [list(range(n))] * 3).all()
+    assert set(scores["detector"]) == {"k-dist", "k-dist+ref", "clip-score", "near-duplicate"}
+    assert (scores.groupby("detector")["row"].apply(sorted).apply(list) == [list(range(n))] * 4).all()
     # rows in `train`'s order: the clean CSV, then each poison set as named
     assert (pairs["source"].tolist() == ["data"] * 300 + ["t"] * 8 + ["b"] * 12)
     m = json.loads((tmp_path / "s" / "metrics.json").read_text())
@@ -54,6 +54,8 @@ def test_scan_writes_scores_ranking_and_metrics_per_poison_set(tiny_world, scann
             assert v["n_poison"] == n_p and v["n"] == 300 + n_p  # the other set is left out
             assert 0 <= v["roc_auc"] <= 1 and 0 <= v["fpr_at_95tpr"] <= 1
     assert set(m["detection"]["clip-score"]["gmm_split"]) == {"n_flagged", "precision", "recall"}
+    # the targeted set's 8 noisy copies of x' under other captions: found by their hashes alone
+    assert m["detection"]["near-duplicate"]["t"]["roc_auc"] > 0.95
     # the ranking is each detector's scores sorted, most suspicious first
     ranked = pd.read_csv(tmp_path / "s" / "ranked.csv")
     kd = scores[scores["detector"] == "k-dist"].set_index("row")["score"]

@@ -239,7 +239,7 @@ def package_versions() -> dict[str, str]:
 
     out = {}
     for name in ("clip-poison", "torch", "torchvision", "open_clip_torch", "numpy", "webdataset",
-                 "scikit-learn", "scipy", "pillow"):
+                 "scikit-learn", "scipy", "pillow", "faiss-cpu", "imagehash"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -7,8 +7,27 @@ modified, and the same inputs give the same scores. Scoring against the manifest
 ``metrics/detection.py``.
 
 Neighbour-based detectors (``k-dist``, ``slof``, ``dao``) work on L2-normalised image embeddings
-with cosine distance 1 − cos, by exact (brute-force) search: no approximate index, so scores are
-reproducible to the bit and ties are resolved the same way every time.
+with cosine distance 1 − cos (inner product of unit rows).
+
+Neighbour search (faiss; ``exact=None`` picks by size, True/False force a path):
+- up to EXACT_MAX = 50,000 points, exact brute force (``faiss.IndexFlatIP``): 1.3 TFLOP at 50,000,
+  25 s on one core of the project machine, and growing as N² beyond (100,000: ~100 s; 1,000,000:
+  hours). Below that an index saves little: on the benchmark's clustered embeddings at 20,000 and
+  50,000 points (a few points per class) the approximate search needed over a quarter of its
+  lists for its recall and was no faster (``benchmarks/bench_neighbours.py``).
+- beyond, IVF-Flat with nprobe calibrated on each call (``_ivf_index``): the smallest nprobe that
+  finds >= 99.5 % of the exact k+1 neighbours of 1,000 seeded sample queries, so >= 99 % of the k
+  kept. Chosen over HNSW by measurement: at 1,000,000 clustered 512-d points IVF (nlist 2,048)
+  found 99.4 % of the 10 nearest at nprobe 2 and 99.75 % at 4, while HNSW (M 32, efConstruction
+  80) took 32 s on one (busy) core to build over just 50,000 points (~N log N: many minutes at 1M);
+  HNSW's multi-threaded build is also not reproducible, while IVF's k-means is seeded and its
+  all-against-all search runs list by list through BLAS (``faiss.contrib.big_batch_search``).
+- faiss works in float32. It only chooses the k+1 candidates; their distances are recomputed in
+  float64 and sorted, so distances, exact duplicates at 0 and self-detection are as before. What
+  float32 changes: which neighbour wins a near-tie (|Δcos| below ~1e-7), and, on the IVF path,
+  the up to 1 % of true neighbours missed (then a farther one stands in, so k-distances can only
+  grow). Same inputs and thread count give the same bytes; another BLAS thread count can flip a
+  near-tie.
 
 Pitfall of every density score here: poisons that outnumber k look *dense*, not outlying. The
 targeted attack repeats one image x' many times (with different captions), so its copies are each
@@ -23,12 +42,18 @@ record (each pair's loss per epoch, ``clip-poison train --record-pair-loss``).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Callable
 
+import faiss
 import numpy as np
+from faiss.contrib.big_batch_search import big_batch_search
+from faiss.contrib.ivf_tools import add_preassigned
 
 from ..io import UserError, sha256_pixels
 
+log = logging.getLogger(__name__)
 DETECTORS: dict[str, Callable[..., np.ndarray]] = {}
 _EPS = 1e-12  # floor for distances that divide or go into a log (exact duplicates have distance 0)
 
@@ -48,6 +73,13 @@ def score_pairs(name: str, **inputs) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- input checks and neighbours
+
+EXACT_MAX = 50_000  # base points searched exactly; see "Neighbour search" above
+RECALL = 0.995  # of the k+1 searched, so >= 0.99 of the k kept once self is dropped (k >= 1)
+_CALIBRATION_QUERIES = 1000  # sample on which the approximate search's nprobe is measured
+_KMEANS_SEED = 0  # faiss k-means (IVF lists): fixed, so the same data gives the same index
+_TOL32 = 1e-5  # float32 cosines computed by different kernels agree to ~1e-7; margin above that
+
 
 def _unit_rows(x, what: str) -> np.ndarray:
     """A float64 copy of ``x`` with unit rows; the caller's array is never touched."""
@@ -70,14 +102,89 @@ def _check_k(k: int, n: int, what: str, minimum: int = 1) -> int:
     return int(k)
 
 
-def _knn(query: np.ndarray, base: np.ndarray, k: int, same: bool) -> tuple[np.ndarray, np.ndarray]:
+def _check_exact(exact) -> None:
+    if exact is not None and not isinstance(exact, (bool, np.bool_)):
+        raise UserError(f"exact must be True (brute force), False (approximate IVF index) or None "
+                        f"(exact up to {EXACT_MAX:,} points), got {exact!r}")
+
+
+def _use_exact(exact, n_base: int) -> bool:
+    return n_base <= EXACT_MAX if exact is None else bool(exact)
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _ivf_index(base32: np.ndarray, query32: np.ndarray, k: int,
+               same: bool = False) -> tuple[faiss.IndexIVFFlat, np.ndarray | None]:
+    """An IVF-Flat inner-product index over ``base32`` whose nprobe is the smallest step of a
+    x1.4 ladder (or all lists) that finds >= RECALL of the exact k nearest neighbours of a seeded sample of
+    ``query32`` (ties within float32 resolution count as found); and, when ``same`` (query is
+    base), the queries' coarse assignment to their nprobe lists (else None).
+
+    nlist ~ 2·sqrt(N): every point is a query here, so the coarse assignment (N·nlist dot
+    products) costs as much as the list scans (N·nprobe·N/nlist); they balance at
+    nlist = sqrt(nprobe·N), and nprobe is a few on clustered data. At least 39 training points
+    per list (faiss's own minimum); k-means on <= 64 per list, 10 iterations, fixed seed. One
+    coarse assignment of the base (its nearest 32 lists) serves both adding it and searching it."""
+    n, d = base32.shape
+    nlist = max(1, min(round(2 * np.sqrt(n)), n // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed, index.cp.niter, index.cp.max_points_per_centroid = _KMEANS_SEED, 10, 64
+    index.train(base32)
+    _, assign = index.quantizer.search(base32, min(nlist, 32) if same else 1)
+    add_preassigned(index, base32, assign[:, 0].copy())
+    rng = np.random.default_rng(_KMEANS_SEED)
+    sample = query32[np.sort(rng.choice(len(query32), min(_CALIBRATION_QUERIES, len(query32)), replace=False))]
+    exact_sim, _ = faiss.knn(sample, base32, k, metric=faiss.METRIC_INNER_PRODUCT)
+    ladder = np.unique(np.round(np.sqrt(2) ** np.arange(2 * np.log2(nlist) + 1)).astype(int))
+    for nprobe in [p for p in ladder if p < nlist] + [nlist]:  # steps of ~x1.4: 1, 2, 3, 4, 6, 8, 11, 16, ...
+        index.nprobe = int(nprobe)
+        sim, _ = index.search(sample, k)
+        recall = float(np.mean(sim >= exact_sim[:, -1:] - _TOL32))
+        if recall >= RECALL:
+            break
+    log.info("IVF-Flat over %d points: nlist=%d, nprobe=%d (recall@%d %.4f on %d sampled queries)",
+             n, nlist, index.nprobe, k, recall, len(sample))
+    shared = same and index.nprobe <= assign.shape[1]
+    return index, (assign[:, :index.nprobe].astype(np.int32) if shared else None)
+
+
+def _cosine_distances(query: np.ndarray, base: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """1 − cos(query_i, base_idx[i, j]) in float64, in chunks so base[idx] stays small."""
+    out = np.empty(idx.shape)
+    for s in range(0, len(idx), 4096):
+        out[s:s + 4096] = np.matmul(base[idx[s:s + 4096]], query[s:s + 4096, :, None])[..., 0]
+    return np.clip(1.0 - out, 0.0, None)  # 1 − cos of unit vectors can round to -1e-16
+
+
+def _knn(query: np.ndarray, base: np.ndarray, k: int, same: bool,
+         exact: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cosine distances (N, k) and indices (N, k) of each query's k nearest points of ``base``,
     self excluded. ``same``: query is base, so row i's self is index i. Otherwise a base point at
-    distance ~0 is taken as the query itself (a reference that contains the scanned data)."""
-    from sklearn.neighbors import NearestNeighbors
-    nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(base)
-    dist, idx = nn.kneighbors(query)
-    dist = np.clip(dist, 0.0, None)  # 1 − cos of unit vectors can round to -1e-16
+    distance ~0 is taken as the query itself (a reference that contains the scanned data).
+
+    faiss picks the k+1 candidates in float32 (exact IndexFlatIP, or IVF-Flat searched list by
+    list with BLAS, ``faiss.contrib.big_batch_search``); their distances are then recomputed in
+    float64 and sorted, so distances, self-detection and ties are as exact as brute force in
+    float64 — only which neighbour wins a near-tie (|Δcos| <~ 1e-7) is float32's choice."""
+    q32 = _f32(query)
+    b32 = q32 if same else _f32(base)
+    if _use_exact(exact, len(base)):
+        index = faiss.IndexFlatIP(b32.shape[1])
+        index.add(b32)
+        _, idx = index.search(q32, k + 1)
+    else:
+        index, assign = _ivf_index(b32, q32, k + 1, same)
+        with contextlib.redirect_stdout(None):  # it prints a line per list even at verbose=0
+            _, idx = big_batch_search(index, q32, k + 1, q_assign=assign)
+        short = (idx < 0).any(axis=1)  # the probed lists held fewer than k+1 points
+        if short.any():
+            _, idx[short] = faiss.knn(q32[short], b32, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    dist = _cosine_distances(query, base, idx)
+    order = np.argsort(dist, axis=1, kind="stable")
+    dist, idx = np.take_along_axis(dist, order, axis=1), np.take_along_axis(idx, order, axis=1)
     if same:
         # With exact duplicates self need not come first; drop it where it is, else the (k+1)-th.
         is_self = idx == np.arange(len(query))[:, None]
@@ -90,39 +197,41 @@ def _knn(query: np.ndarray, base: np.ndarray, k: int, same: bool) -> tuple[np.nd
     return dist[keep].reshape(len(query), k), idx[keep].reshape(len(query), k)
 
 
-def _neighbourhood(image_emb, k: int, reference, minimum_k: int = 1):
+def _neighbourhood(image_emb, k: int, reference, exact, minimum_k: int = 1):
     """(distances, indices) of each pair's k neighbours and the k-distance of every point those
     indices refer to (the scanned set itself, or the reference)."""
+    _check_exact(exact)
     emb = _unit_rows(image_emb, "image_emb")
     if reference is None:
         k = _check_k(k, len(emb), "image_emb", minimum_k)
-        dist, idx = _knn(emb, emb, k, same=True)
+        dist, idx = _knn(emb, emb, k, same=True, exact=exact)
         return dist, idx, dist[:, -1]
     ref = _unit_rows(reference, "reference")
     if ref.shape[1] != emb.shape[1]:
         raise UserError(f"reference has dimension {ref.shape[1]} but image_emb has {emb.shape[1]}")
     k = _check_k(k, len(ref), "reference", minimum_k)
-    dist, idx = _knn(emb, ref, k, same=False)
-    ref_dist, _ = _knn(ref, ref, k, same=True)  # neighbours' k-distances, measured inside the reference
+    dist, idx = _knn(emb, ref, k, same=False, exact=exact)
+    ref_dist, _ = _knn(ref, ref, k, same=True, exact=exact)  # neighbours' k-distances, inside the reference
     return dist, idx, ref_dist[:, -1]
 
 
 # ---------------------------------------------------------------- density detectors
 
 @register_detector("k-dist")
-def k_distance(image_emb, k: int = 10, reference=None) -> np.ndarray:
+def k_distance(image_emb, k: int = 10, reference=None, exact: bool | None = None) -> np.ndarray:
     """Cosine distance from each image embedding to its k-th nearest neighbour (self excluded).
-    Isolated images score high; see the module docstring for repeated poisons and ``reference``."""
-    dist, _, _ = _neighbourhood(image_emb, k, reference)
+    Isolated images score high; see the module docstring for repeated poisons and ``reference``,
+    and for ``exact`` (None: brute force up to EXACT_MAX points, an IVF index beyond)."""
+    dist, _, _ = _neighbourhood(image_emb, k, reference, exact)
     return dist[:, -1].copy()
 
 
 @register_detector("slof")
-def simplified_lof(image_emb, k: int = 10, reference=None) -> np.ndarray:
+def simplified_lof(image_emb, k: int = 10, reference=None, exact: bool | None = None) -> np.ndarray:
     """Simplified LOF (Schubert et al. 2014): k-dist(x) / mean over x's k neighbours n of k-dist(n).
     ~1 inside a cluster of even density, > 1 where x is sparser than its neighbours — which makes it
     robust to clusters of different spreads, unlike the raw k-distance."""
-    dist, idx, kd = _neighbourhood(image_emb, k, reference)
+    dist, idx, kd = _neighbourhood(image_emb, k, reference, exact)
     return dist[:, -1] / np.maximum(kd[idx].mean(axis=1), _EPS)
 
 
@@ -142,7 +251,8 @@ def lid_mle(dist: np.ndarray, cap: float) -> np.ndarray:
 
 
 @register_detector("dao")
-def dimensionality_aware_outlier(image_emb, k: int = 10, reference=None) -> np.ndarray:
+def dimensionality_aware_outlier(image_emb, k: int = 10, reference=None,
+                                 exact: bool | None = None) -> np.ndarray:
     """Dimensionality-aware outlier score (Huang et al., ICLR 2025), simple form:
 
         DAO(x) = (1/k) Σ_{n ∈ N_k(x)} ( r_k(x) / r_k(n) )^{LID(x)}
@@ -152,7 +262,7 @@ def dimensionality_aware_outlier(image_emb, k: int = 10, reference=None) -> np.n
     of different dimensionality (in d dimensions, volume — hence density — scales as r^d).
     Computed in log space; exponents are clipped at 700 so scores stay finite floats (np.exp(709)
     is the largest double), which only ties points that are all extreme outliers."""
-    dist, idx, kd = _neighbourhood(image_emb, k, reference, minimum_k=2)
+    dist, idx, kd = _neighbourhood(image_emb, k, reference, exact, minimum_k=2)
     lid = lid_mle(dist, cap=float(np.shape(image_emb)[1]))
     log_ratio = np.log(np.maximum(dist[:, -1:], _EPS)) - np.log(np.maximum(kd[idx], _EPS))
     from scipy.special import logsumexp
@@ -196,46 +306,148 @@ def gmm_split(scores, seed: int = 0) -> np.ndarray:
 
 # ---------------------------------------------------------------- repeated images, other captions
 
-@register_detector("near-duplicate")
-def near_duplicate(captions, image_emb=None, pixels=None, threshold: float = 0.98) -> np.ndarray:
-    """For each pair, the number of *other* pairs that show the same image — cosine of image
-    embeddings >= ``threshold``, or identical decoded pixels (``io.sha256_pixels``) — under a
-    different caption (compared after collapsing whitespace; case kept).
+PHASH_BITS = 6  # 64-bit pHashes this close count as one image; measured, see near_duplicate
+_RANGE_K = 10  # the approximate range search uses the nprobe that finds this many neighbours
 
-    Aimed at the targeted attack, which pairs one x' with many captions of the target label: its
-    copies form a group that disagrees about what the image shows. Web data has innocent
-    duplicates too (the same stock photo), but those usually repeat a caption, which scores 0.
-    Backdoor poisons are different images sharing only a small patch and are not caught here."""
+
+def _check_pixels(pixels, n: int) -> None:
+    if len(pixels) != n:
+        raise UserError(f"pixels has {len(pixels)} images but there are {n} captions")
+    for i, p in enumerate(pixels):
+        a = np.asarray(p)
+        if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+            raise UserError(f"pixels[{i}] is a {a.dtype} array of shape {a.shape}; near-duplicate needs "
+                            f"decoded uint8 images (H, W), (H, W, 3) or (H, W, 4), e.g. io.load_image")
+
+
+def _ordered_pairs(i: np.ndarray, j: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct pairs (i, j) and (j, i), self-pairs dropped."""
+    code = np.unique(np.concatenate([i * n + j, j * n + i]))
+    i, j = code // n, code % n
+    return i[i != j], j[i != j]
+
+
+def _pixel_hash_pairs(pixel_sha: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs with identical decoded pixels (equal ``io.sha256_pixels``)."""
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(pixel_sha):
+        groups.setdefault(h, []).append(i)
+    members = [np.array(m) for m in groups.values() if len(m) > 1]
+    if not members:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return (np.concatenate([np.repeat(m, len(m)) for m in members]),
+            np.concatenate([np.tile(m, len(m)) for m in members]))
+
+
+def phash_code(pixels) -> np.ndarray:
+    """The 64-bit perceptual hash of one image (``imagehash.phash``: signs of the 8x8 lowest DCT
+    frequencies of a 32x32 grey image, against their median) as 8 bytes, faiss's binary code."""
+    import imagehash
+    from PIL import Image
+    return np.packbits(imagehash.phash(Image.fromarray(np.asarray(pixels))).hash.ravel())
+
+
+def _phash_pairs(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs whose perceptual hashes (``phash_code``) differ in <= ``bits`` bits. Exact:
+    faiss's multi-hash index cuts the code into bits+1 chunks, and two codes within ``bits`` of
+    each other agree on at least one whole chunk (pigeonhole), so every such pair is a candidate."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    index = faiss.IndexBinaryMultiHash(64, bits + 1, 64 // (bits + 1))
+    index.add(codes)
+    lims, _, j = index.range_search(codes, bits + 1)  # faiss keeps Hamming distances < radius
+    return np.repeat(np.arange(len(codes)), np.diff(lims).astype(np.int64)), j.astype(np.int64)
+
+
+def _embedding_pairs(emb: np.ndarray, threshold: float, exact) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs with cos >= ``threshold``: faiss range search in float32 with a margin, then the
+    float64 cosine decides (the 1e-9 keeps exact copies, cos rounded to 1 − 1e-16, at t = 1)."""
+    x32 = _f32(emb)
+    if _use_exact(exact, len(emb)):
+        index = faiss.IndexFlatIP(x32.shape[1])
+        index.add(x32)
+    else:
+        index, _ = _ivf_index(x32, x32, _RANGE_K)
+    lims, _, j = index.range_search(x32, threshold - _TOL32)  # faiss keeps inner products > radius
+    i, j = np.repeat(np.arange(len(emb)), np.diff(lims).astype(np.int64)), j.astype(np.int64)
+    keep = np.einsum("ij,ij->i", emb[i], emb[j]) >= threshold - 1e-9
+    return i[keep], j[keep]
+
+
+@register_detector("near-duplicate")
+def near_duplicate(captions, image_emb=None, pixels=None, threshold: float | None = None,
+                   phash_bits: int = PHASH_BITS, exact: bool | None = None,
+                   pixel_sha: list[str] | None = None, phash: np.ndarray | None = None) -> np.ndarray:
+    """For each pair, the number of *other* pairs that show the same image under a different
+    caption (captions compared after collapsing whitespace; case kept). Same image means any of:
+
+    - identical decoded pixels (``io.sha256_pixels``) — from ``pixels``, or their hashes ``pixel_sha``;
+    - 64-bit perceptual hashes (``imagehash.phash``) within ``phash_bits`` bits — from ``pixels``, or
+      their codes ``phash`` (N x 8 uint8, ``phash_code``; a scan streaming shards keeps only these);
+    - cosine of image embeddings >= ``threshold`` — only when both ``image_emb`` and an explicit
+      ``threshold`` are given (range search as in ``_knn``: brute force up to EXACT_MAX, else IVF).
+
+    Aimed at the targeted attack, which pairs one x' with many captions of the target label, its
+    copies made pixel-distinct with Gaussian noise (``attacks/evasion.py``): the copies form a
+    group that disagrees about what the image shows. Web data has innocent duplicates too (the
+    same stock photo), but those usually repeat a caption, which scores 0. Backdoor poisons are
+    different images sharing only a small patch and are not caught here.
+
+    Pixels are the default because an embedding threshold has no safe default: a tiny victim puts
+    every clean image at cos >= 0.98 of others, so the old fixed 0.98 flagged nearly every pair
+    (ROC-AUC 0.05 on the demo's targeted poisons). Choose ``threshold`` from the data, above the
+    clean pairs' nearest-neighbour cosines.
+
+    ``phash_bits`` = 6, measured on 32x32 images, 16 noisy copies of each of 50 images compared
+    pairwise: copies with σ = 1 (of 255) are within 6 bits of each other in 100 % of pairs on
+    CIFAR-10 test photos and 99.7 % on the synthetic world's renders; σ = 4 in 99.9 % and 91 %
+    (flat-shaded renders have a less stable pHash, but a copy still matches most of its group).
+    Distinct images within 6 bits: 0 of 2.0 M CIFAR-10 pairs, 31 of 4.5 M synthetic-world pairs."""
     caps = [" ".join(str(c).split()) for c in captions]
     n = len(caps)
     if n == 0:
         raise UserError("captions is empty; there are no pairs to scan")
-    if image_emb is None and pixels is None:
-        raise UserError("near-duplicate needs image_emb, pixels or both")
-    if not 0.0 < threshold <= 1.0:
-        raise UserError(f"threshold is a cosine similarity in (0, 1], got {threshold}")
-    same = [set() for _ in range(n)]  # indices of other pairs showing the same image
+    if (pixel_sha is None) != (phash is None):
+        raise UserError("pass pixel_sha and phash together (the hashes of the same images), or pixels")
+    if pixel_sha is not None:
+        if pixels is not None:
+            raise UserError("pass pixels or their hashes (pixel_sha, phash), not both")
+        if len(pixel_sha) != n or len(phash) != n:
+            raise UserError(f"pixel_sha has {len(pixel_sha)} and phash {len(phash)} entries but there are {n} captions")
+    if image_emb is None and pixels is None and pixel_sha is None:
+        raise UserError("near-duplicate needs pixels (exact and perceptual hashes), or image_emb "
+                        "with an explicit threshold, or both")
+    _check_exact(exact)
+    if pixels is not None:
+        _check_pixels(pixels, n)
+    if pixels is not None or pixel_sha is not None:
+        if not isinstance(phash_bits, (int, np.integer)) or isinstance(phash_bits, bool) \
+                or not 0 <= phash_bits <= 31:
+            raise UserError(f"phash_bits is a Hamming distance between 64-bit hashes, an integer in "
+                            f"0..31, got {phash_bits!r}")
     if image_emb is not None:
         emb = _unit_rows(image_emb, "image_emb")
         if len(emb) != n:
             raise UserError(f"image_emb has {len(emb)} rows but there are {n} captions")
-        from sklearn.neighbors import NearestNeighbors
-        nn = NearestNeighbors(metric="cosine", algorithm="brute").fit(emb)
-        # cos >= t  <=>  1 − cos <= 1 − t; the 1e-9 keeps exact copies (cos rounded to 1 − 1e-16)
-        # in at t = 1. radius_neighbors works in chunks, so memory stays O(N · group size).
-        for i, nbrs in enumerate(nn.radius_neighbors(emb, radius=1.0 - threshold + 1e-9,
-                                                     return_distance=False)):
-            same[i].update(int(j) for j in nbrs if j != i)
+        if threshold is None:
+            raise UserError("image_emb needs an explicit threshold (a cosine in (0, 1]): no fixed "
+                            "value is safe, since a small victim puts all clean images at cos >= 0.98 "
+                            "of each other; pick one above the clean nearest-neighbour cosines, or "
+                            "scan pixels instead")
+        if not 0.0 < threshold <= 1.0:
+            raise UserError(f"threshold is a cosine similarity in (0, 1], got {threshold}")
+    elif threshold is not None:
+        raise UserError("threshold applies to image embeddings; pass image_emb too, or drop threshold")
+    found = []
     if pixels is not None:
-        if len(pixels) != n:
-            raise UserError(f"pixels has {len(pixels)} images but there are {n} captions")
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(pixels):
-            groups.setdefault(sha256_pixels(np.asarray(p)), []).append(i)
-        for members in groups.values():
-            for i in members:
-                same[i].update(j for j in members if j != i)
-    return np.array([sum(caps[j] != caps[i] for j in same[i]) for i in range(n)], dtype=np.float64)
+        pixel_sha = [sha256_pixels(np.asarray(p)) for p in pixels]
+        phash = np.stack([phash_code(p) for p in pixels])
+    if pixel_sha is not None:
+        found += [_pixel_hash_pairs(pixel_sha), _phash_pairs(phash, int(phash_bits))]
+    if image_emb is not None:
+        found.append(_embedding_pairs(emb, float(threshold), exact))
+    i, j = _ordered_pairs(np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]), n)
+    _, code = np.unique(caps, return_inverse=True)
+    return np.bincount(i[code[i] != code[j]], minlength=n).astype(np.float64)
 
 
 # ---------------------------------------------------------------- training dynamics

@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..io import UserError, atomic_dir, atomic_write_json, read_json, read_manifest, resize_to_input, sha256_file
-from .detectors import DETECTORS, gmm_split, score_pairs
+from .detectors import DETECTORS, gmm_split, phash_code, score_pairs
 
 Progress = Callable[[int, int], None]
 CHUNK = 2048
@@ -53,7 +53,7 @@ class ScannedSet:
     image_emb: np.ndarray
     text_emb: np.ndarray
     pixel_sha: list[str]
-    phash: np.ndarray  # uint64 perceptual hashes (imagehash.phash, 8x8 DCT)
+    phash: np.ndarray  # N x 8 uint8 perceptual hashes (detectors.phash_code)
     poison_sets: list[dict] = field(default_factory=list)
     fingerprint: dict = field(default_factory=dict)
 
@@ -94,13 +94,6 @@ def _rows(data, poison_dirs: list[Path], size: int) -> tuple[Iterator[tuple[int,
 def _load(path: str) -> np.ndarray:
     from ..io import load_image
     return load_image(path)
-
-
-def _phash(img: np.ndarray) -> int:
-    import imagehash
-    from PIL import Image
-    h = imagehash.phash(Image.fromarray(img)).hash.flatten()
-    return int(np.packbits(h.astype(np.uint8)).view(">u8")[0])
 
 
 def embed_training_set(data, poison_dirs, checkpoint, progress: Progress | None = None,
@@ -146,7 +139,7 @@ def embed_training_set(data, poison_dirs, checkpoint, progress: Progress | None 
     for s, ref, cap, img in rows:
         img = resize_to_input(img, size)
         src.append(s), refs.append(str(ref)), caps.append(str(cap))
-        shas.append(sha256_pixels(img)), phashes.append(_phash(img))
+        shas.append(sha256_pixels(img)), phashes.append(phash_code(img))
         buf.append(img)
         if len(buf) >= CHUNK:
             flush()
@@ -159,7 +152,7 @@ def embed_training_set(data, poison_dirs, checkpoint, progress: Progress | None 
              "manifest_sha256": sha256_file(d / "manifest.json")}
             for i, (d, m) in enumerate(zip(poison_dirs, [read_manifest(d) for d in poison_dirs]), start=1)]
     return ScannedSet([names[i] for i in src], refs, caps, is_source, np.concatenate(img_chunks),
-                      np.concatenate(txt_chunks), shas, np.asarray(phashes, dtype=np.uint64), sets,
+                      np.concatenate(txt_chunks), shas, np.stack(phashes), sets,
                       {**fp, "n_rows": len(src), "checkpoint": str(checkpoint), "weights_sha256": weights})
 
 
