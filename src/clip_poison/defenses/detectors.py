@@ -152,10 +152,10 @@ def _ivf_index(base32: np.ndarray, query32: np.ndarray, k: int,
 
 
 def _cosine_distances(query: np.ndarray, base: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """1 − cos(query_i, base_idx[i, j]) in float64, in chunks so base[idx] stays small."""
+    """1 − cos(query_i, base_idx[i, j]) in float64, in chunks small enough to stay in cache."""
     out = np.empty(idx.shape)
-    for s in range(0, len(idx), 4096):
-        out[s:s + 4096] = np.matmul(base[idx[s:s + 4096]], query[s:s + 4096, :, None])[..., 0]
+    for s in range(0, len(idx), 256):
+        out[s:s + 256] = np.matmul(base[idx[s:s + 256]], query[s:s + 256, :, None])[..., 0]
     return np.clip(1.0 - out, 0.0, None)  # 1 − cos of unit vectors can round to -1e-16
 
 
