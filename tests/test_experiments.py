@@ -114,6 +114,11 @@ def test_targets_of_one_victim_have_distinct_labels():
     ({"attack": "evasion"}, "attack 'evasion' unknown"),
     ({"seeds": [0, 0]}, "repeat"),
     ({"colour": 1}, "unknown keys"),
+    ({"defense": {"scan_weights": {}}}, "not a scan"),
+    ({"defense": {"scan_data": {"detectors": ["telepathy"]}}}, "unknown detectors"),
+    ({"defense": {"scan_data": {"kk": 3}}}, "bad defense.scan_data"),
+    ({"defense": {"scan_model": {"seed": 3}}}, "set from the run's seed"),
+    ({"axes": {"craft.caption_substitution": 0.5}}, "non-empty list"),
 ])
 def test_bad_specs_are_user_errors_naming_the_problem(bad, words):
     with pytest.raises(UserError, match=words):
@@ -128,7 +133,7 @@ def test_every_preset_expands_in_both_sizes(name, size):
     if spec.attack == "none":  # a clean-only sweep (the cifar10 ladder)
         assert runs and all(r["clean"] for r in runs)
     else:
-        assert any(r["clean"] for r in runs) and any(not r["clean"] for r in runs)
+        assert any(r["clean"] for r in runs) == spec.clean_control and any(not r["clean"] for r in runs)
 
 
 def test_unknown_size_or_preset():
@@ -388,3 +393,17 @@ def test_late_field_keeps_old_ids_until_set():
 
     assert to_dict(New()) == to_dict(Old()) and stable_id(New()) == stable_id(Old())
     assert stable_id(New(b=0.5)) != stable_id(Old()) and to_dict(New(b=0.5))["b"] == 0.5
+
+
+def test_defense_section_resolves_into_every_run_and_craft_axes_are_poison_only():
+    spec = _spec(axes={"backdoor.n_poisons": [5, 10], "craft.caption_substitution": [0.0, 0.5]}, seeds=[0],
+                 defense={"scan_data": {"k": 4}, "scan_model": {"max_images": 64}})
+    runs = expand(spec)
+    assert sum(r["clean"] for r in runs) == 1  # craft changes only the poisons: one clean control
+    for r in runs:
+        d = r["config"]["defense"]
+        assert d["scan_data"]["k"] == 4 and d["scan_data"]["reference_n"] == 2000
+        assert d["scan_model"]["max_images"] == 64 and "seed" not in d["scan_model"]
+        assert ("craft" in r["config"]) != r["clean"]
+    # a spec without a defense keeps the ids it had
+    assert all("defense" not in r["config"] for r in expand(_spec()))
