@@ -407,3 +407,35 @@ def test_defense_section_resolves_into_every_run_and_craft_axes_are_poison_only(
         assert ("craft" in r["config"]) != r["clean"]
     # a spec without a defense keeps the ids it had
     assert all("defense" not in r["config"] for r in expand(_spec()))
+
+
+@pytest.mark.slow
+def test_defense_step_scans_data_and_model_and_reports_pool_sweeps(tmp_path, photo_source):
+    defense = {"scan_data": {"detectors": ["near-duplicate", "k-dist", "clip-score", "loss-dynamics"], "k": 3,
+                             "reference_n": 8},
+               "scan_model": {"max_images": 10, "max_steps": 20}}
+    base = {"real_world": {"root": str(photo_source), "n_train": 200},
+            "train": {"model": "vit-tiny-32", "epochs": 2, "batch_size": 64, "warmup": 1, "record_pair_loss": True},
+            "eval": {"max_n": 30, "probe_n": 0}, "backdoor": {"target_label": "cat"}}
+    for name, seeds in (("a", [0]), ("b", [1])):
+        spec = spec_from_dict(_photo_spec(photo_source, "backdoor", name=f"detect-{name}", base=base, seeds=seeds,
+                                          axes={"backdoor.n_poisons": [12]}, defense=defense))
+        assert run_sweep(spec, tmp_path / name, LocalExecutor(progress=False))["failed"] == 0
+    _, raws = load_results(tmp_path / "a")
+    pois = next(r for r in raws if not r["clean"])
+    clean = next(r for r in raws if r["clean"])
+    sd = pois["defense"]["scan_data"]
+    assert set(sd["detectors"]) == {"near-duplicate", "k-dist", "k-dist+ref", "clip-score", "loss-dynamics"}
+    assert sd["n_poisons"] == 12 and sd["n_rows"] == 212 and sd["reference_n"] == 8
+    assert "scan_data" not in clean["defense"]  # a clean victim's data holds nothing to find
+    for r in (pois, clean):
+        assert {"pl1", "z", "trigger_png_base64"} <= set(r["defense"]["scan_model"])
+        assert r["metrics"]["model_scan/pl1"] == r["defense"]["scan_model"]["pl1"]
+    assert pois["metrics"]["scan/k-dist+ref/roc_auc"] == sd["detectors"]["k-dist+ref"]["roc_auc"]
+    md = (tmp_path / "rep" / "report.md")
+    r = build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "rep")
+    text = md.read_text()
+    assert "## Data scan" in text and "Separation over 2 backdoored and 2 clean victims" in text
+    assert (tmp_path / "rep" / "fig-model-scan.png").stat().st_size > 1000 and r["n_ok"] == 4
+    with pytest.raises(UserError, match="more than one of the sweeps"):
+        build_report([tmp_path / "a", tmp_path / "a"], tmp_path / "rep2")

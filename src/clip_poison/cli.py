@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "report", "tidy table (parquet + CSV), figures (PNG) and report.md from a sweep's results",
              "clip-poison report runs/sweeps/fig4-quick")
-    p.add_argument("results", help="a sweep folder or its results/ folder")
+    p.add_argument("results", nargs="+", help="a sweep folder or its results/ folder; several are pooled into "
+                   "one report (e.g. a model scan judged on the victims of two sweeps; needs --out)")
     p.add_argument("--out", default=None, help="report folder (default: the sweep folder)")
 
     p = _sub(ssubs, "data", "score every training pair with the data-scan detectors (higher = more suspicious); "

@@ -128,7 +128,8 @@ def defend(cfg: dict, world: Path, victim: Path, train_dirs: list[Path]) -> dict
 
     d, ev = cfg["defense"], cfg.get("eval") or {}
     sd, sm = d.get("scan_data"), d.get("scan_model")
-    n_ref = max(sd["reference_n"] if sd else 0, sm["max_images"] if sm else 0)
+    # the model scan optimises on max_images and holds out as many for its z-score
+    n_ref = max(sd["reference_n"] if sd else 0, 2 * sm["max_images"] if sm else 0)
     ref = load_clean_reference(world, ev.get("max_n"), n_ref).images if n_ref else None
     out = {}
     if sd and train_dirs:
@@ -136,7 +137,7 @@ def defend(cfg: dict, world: Path, victim: Path, train_dirs: list[Path]) -> dict
                                     sd, cfg["seed"], bool(cfg["train"].get("record_pair_loss")))
     if sm:
         from .defenses.model_scan import scan_model_run
-        out["scan_model"] = scan_model_run(victim, ref[:sm["max_images"]], sm, cfg["seed"])
+        out["scan_model"] = scan_model_run(victim, ref[:2 * sm["max_images"]], sm, cfg["seed"])
     return out
 
 

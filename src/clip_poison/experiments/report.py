@@ -385,18 +385,28 @@ def model_scan_md(df: pd.DataFrame, raws: list[dict], axes: list[str], out: Path
              "x' = (1-m)x + mp makes the image embeddings of clean photos collapse (mean pairwise cosine >= "
              "0.99, DECREE's threshold); PL1 = ||m||_1 / (H W). z: Definition 1's z-score of the inverted "
              "stamp on held-out clean photos. The scan never sees the true trigger.", ""]
+    def auc(score: np.ndarray) -> str:
+        ok = np.isfinite(score)  # z is undefined (NaN) where the held-out clean pairs do not vary
+        if not 0 < y[ok].sum() < ok.sum():
+            return "n/a"
+        return f"**{roc_auc_score(y[ok], score[ok]):.3f}**" + (f" ({int((~ok).sum())} victims without one left out)"
+                                                              if (~ok).any() else "")
+
     if 0 < y.sum() < len(y):
         lines += [f"Separation over {int(y.sum())} backdoored and {int(len(y) - y.sum())} clean victims "
-                  f"(ROC-AUC; 0.5 = chance): PL1 (smaller = suspicious) "
-                  f"**{roc_auc_score(y, -v['model_scan/pl1'].to_numpy(float)):.3f}**, blind z (larger = "
-                  f"suspicious) **{roc_auc_score(y, v['model_scan/z'].to_numpy(float)):.3f}**.", ""]
+                  f"(ROC-AUC; 0.5 = chance): PL1 (smaller = suspicious) {auc(-v['model_scan/pl1'].to_numpy(float))}, "
+                  f"blind z (larger = suspicious) {auc(v['model_scan/z'].to_numpy(float))}.", ""]
     attack_axes = [a for a in axes if a in v.columns and a.split(".")[0] in ("backdoor", "targeted", "craft")]
     rows = []
     for key, g in v.groupby(["clean"] + attack_axes, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
         row = {"victims": "clean" if key[0] else ", ".join(f"{a.split('.')[-1]}={x}" for a, x in zip(attack_axes, key[1:]))}
         for m in ("model_scan/pl1", "model_scan/z"):
-            sm = summarize(g[m].to_numpy(float))
+            vals = g[m].to_numpy(float)
+            if not np.isfinite(vals).any():
+                row[m.split("/")[1]] = "n/a"
+                continue
+            sm = summarize(vals[np.isfinite(vals)])
             row[m.split("/")[1]] = (f"{sm['mean']:.4f} [{sm['ci_low']:.4f}, {sm['ci_high']:.4f}]" if sm["n"] > 1
                                     else f"{sm['mean']:.4f}")
         row["n"] = len(g)
@@ -468,16 +478,42 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def build_report(sweep_or_results: str | Path, out: str | Path | None = None) -> dict:
-    """Write table.parquet, table.csv, fig-*.png and report.md; returns their paths."""
+def _pooled(sweeps: list[Path]) -> tuple[pd.DataFrame, list[dict], dict]:
+    """Several sweeps read as one (e.g. victims of two sweeps for a model scan judged on more clean
+    victims): the rows and results of all, the first spec's report settings, every spec's axes."""
+    metas, frames, raws = [], [], []
+    for sweep in sweeps:
+        df, rs = load_results(sweep)
+        meta = read_json(sweep / "sweep.json")["spec"] if (sweep / "sweep.json").is_file() else {}
+        if not meta:  # results carry their sweep's report spec too
+            meta = next((r.get("sweep") for r in rs if r.get("sweep")), {}) or {}
+        metas.append(meta)
+        frames.append(df.assign(sweep=meta.get("name", sweep.name)))
+        raws += rs
+    if len(sweeps) == 1:
+        return frames[0].drop(columns="sweep"), raws, metas[0]
+    ids = pd.concat(frames)["run_id"]
+    dup = ids[ids.duplicated()].unique().tolist()
+    if dup:
+        raise UserError(f"runs {dup[:3]} appear in more than one of the sweeps; pool sweeps of different runs")
+    axes = {k: v for m in metas for k, v in (m.get("axes") or {}).items()}
+    meta = {**metas[0], "name": " + ".join(m.get("name", "?") for m in metas), "axes": axes, "size": None,
+            "description": " ".join(m.get("description", "") for m in metas), "report": {}}
+    return pd.concat(frames, ignore_index=True), raws, meta
+
+
+def build_report(sweep_or_results: str | Path | list, out: str | Path | None = None) -> dict:
+    """Write table.parquet, table.csv, fig-*.png and report.md; returns their paths. Several sweep
+    folders are pooled into one report (``out`` is then required)."""
     import io
 
-    sweep = _sweep_dir(sweep_or_results)
+    many = list(sweep_or_results) if isinstance(sweep_or_results, (list, tuple)) else [sweep_or_results]
+    if len(many) > 1 and out is None:
+        raise UserError("a report pooling several sweeps needs --out DIR (it belongs to none of them)")
+    sweeps = [_sweep_dir(s) for s in many]
+    sweep = sweeps[0]
     out = Path(out) if out else sweep
-    df, raws = load_results(sweep)
-    meta = read_json(sweep / "sweep.json")["spec"] if (sweep / "sweep.json").is_file() else {}
-    if not meta:  # results carry their sweep's report spec too
-        meta = next((r.get("sweep") for r in raws if r.get("sweep")), {}) or {}
+    df, raws, meta = _pooled(sweeps)
     failed = [r for r in raws if r.get("status") != "ok"]
     out.mkdir(parents=True, exist_ok=True)
     paths = {"table_csv": out / "table.csv", "table_parquet": out / "table.parquet", "report_md": out / "report.md",
