@@ -131,3 +131,22 @@ def test_loss_dynamics_scan_reads_the_victims_pair_losses(tiny_world, scanned, t
     from clip_poison.defenses.detectors import score_pairs
     want = score_pairs("loss-dynamics", pair_loss=np.load(scanned / "v" / "pair_loss.npy"))
     assert np.array_equal(scores["score"].to_numpy(), want)
+
+
+def test_scan_streams_webdataset_shards_like_the_csv(tiny_world, scanned, tmp_path):
+    """The same pairs as shards (img2dataset layout) give the same embeddings and scores as the CSV."""
+    from clip_poison.data.wds import csv_to_shards
+    from clip_poison.defenses import scan_data as sd
+
+    csv_to_shards(tiny_world / "train.csv", tmp_path / "shards", shard_size=128)
+    old = sd.CHUNK
+    sd.CHUNK = 100  # chunks that straddle shard boundaries
+    try:
+        a = sd.embed_training_set(tiny_world / "train.csv", [scanned / "b"], scanned / "v", cache_dir=False)
+        b = sd.embed_training_set(str(tmp_path / "shards"), [scanned / "b"], scanned / "v", cache_dir=False)
+    finally:
+        sd.CHUNK = old
+    assert b.refs[0] == "00000.tar:000000000" and b.sources[-1] == "b" and len(b.refs) == 312
+    np.testing.assert_array_equal(a.image_emb, b.image_emb)
+    np.testing.assert_array_equal(a.text_emb, b.text_emb)
+    assert a.pixel_sha == b.pixel_sha and np.array_equal(a.phash, b.phash)
