@@ -328,17 +328,39 @@ SCAN_METRICS = {"roc_auc": "ROC-AUC (higher is better; 0.5 = chance)", "pr_auc":
                 "remove 95 % of the poisons; lower is better)"}
 
 
-def detection_md(df: pd.DataFrame, axes: list[str], axis_values: dict | None = None) -> list[str]:
-    """The data scan (columns ``scan/<detector>/<metric>``): per metric one table, a row per detector,
-    a column per point of the attack's axes, each cell the mean over seeds [95 % t interval]."""
+def _axis_label(axis: str, value) -> str:
+    name = {"targeted.n_poisons": "poisons per target", "backdoor.n_poisons": "poisons"}.get(axis, axis.split(".")[-1])
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{name} {value}"
+
+
+def _interval(v: np.ndarray, digits: int = 3, bounds: tuple | None = (0.0, 1.0)) -> str:
+    """mean [95 % t interval] (n=...), the interval clipped to ``bounds`` (a rate cannot leave [0, 1])."""
     from ..metrics.stats import summarize
 
+    sm = summarize(v)
+    if sm["n"] < 2:
+        return f"{sm['mean']:.{digits}f} (n=1)"
+    lo, hi = sm["ci_low"], sm["ci_high"]
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return f"{sm['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}] (n={sm['n']})"
+
+
+def detection_md(df: pd.DataFrame, axes: list[str], axis_values: dict | None = None,
+                 detectors: list[str] | None = None) -> list[str]:
+    """The data scan (columns ``scan/<detector>/<metric>``): per metric one table, a row per detector
+    (in the spec's order, each ``+ref`` variant after its detector), a column per point of the
+    attack's axes, each cell the mean over seeds [95 % t interval, clipped to [0, 1]]."""
     cols = [c for c in df.columns if c.startswith("scan/")]
     if not cols:
         return []
     pois = df[~df["clean"]]
     attack_axes = [a for a in axes if a in pois.columns]
-    detectors = list(dict.fromkeys(c.split("/")[1] for c in cols))
+    found = list(dict.fromkeys(c.split("/")[1] for c in cols))
+    order = [d for base in (detectors or []) for d in (base, f"{base}+ref") if d in found]
+    found = order + [d for d in found if d not in order]
     rank = {a: {v: i for i, v in enumerate((axis_values or {}).get(a) or [])} for a in attack_axes}
     groups = sorted(pois.groupby(attack_axes or ["clean"], dropna=False),
                     key=lambda kg: tuple(rank.get(a, {}).get(v, 0) for a, v in
@@ -346,22 +368,29 @@ def detection_md(df: pd.DataFrame, axes: list[str], axis_values: dict | None = N
     lines = ["## Data scan: detecting the poisons in the training set", "",
              "Every poisoned victim's training set (clean pairs + its poison set) scanned by each detector under "
              "the victim's own embeddings (`clip-poison scan data`); `+ref`: scored against clean reference "
-             "images instead of the scanned set itself. Mean over seeds [95 % t interval].", ""]
+             "images instead of the scanned set itself. Mean over seeds [95 % t interval, clipped to [0, 1]].", ""]
+    success = next((c for c in ("backdoor_asr_consistent", "targeted_success_rate") if c in pois.columns), None)
     for metric, what in SCAN_METRICS.items():
         rows = []
-        for det in detectors:
+        if success and metric == "roc_auc":  # where the attack worked, beside what the scans saw
+            row = {"detector": f"(attack: {success.replace('_', ' ')}, victims > 0.5)"}
+            for key, g in groups:
+                key = key if isinstance(key, tuple) else (key,)
+                v = g[success].dropna().to_numpy(float)
+                row[", ".join(_axis_label(a, x) for a, x in zip(attack_axes, key)) or "poisoned"] = \
+                    f"{v.mean():.2f} ({int((v > 0.5).sum())}/{v.size})"
+            rows.append(row)
+        for det in found:
             c = f"scan/{det}/{metric}"
             if c not in pois.columns:
                 continue
             row = {"detector": det}
             for key, g in groups:
                 key = key if isinstance(key, tuple) else (key,)
-                label = ", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(attack_axes, key)) or "poisoned"
+                label = ", ".join(_axis_label(a, v) for a, v in zip(attack_axes, key)) or "poisoned"
                 v = g[c].dropna().to_numpy(float)
                 if v.size:
-                    sm = summarize(v)
-                    row[label] = (f"{sm['mean']:.3f} [{sm['ci_low']:.3f}, {sm['ci_high']:.3f}] (n={v.size})"
-                                  if v.size > 1 else f"{sm['mean']:.3f} (n=1)")
+                    row[label] = _interval(v)
             rows.append(row)
         lines += [f"### {what}", "", _md_table(pd.DataFrame(rows)), ""]
     return lines
@@ -400,16 +429,11 @@ def model_scan_md(df: pd.DataFrame, raws: list[dict], axes: list[str], out: Path
     rows = []
     for key, g in v.groupby(["clean"] + attack_axes, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        row = {"victims": "clean" if key[0] else ", ".join(f"{a.split('.')[-1]}={x}" for a, x in zip(attack_axes, key[1:]))}
+        row = {"victims": "clean" if key[0] else ", ".join(_axis_label(a, x) for a, x in zip(attack_axes, key[1:]))}
         for m in ("model_scan/pl1", "model_scan/z"):
             vals = g[m].to_numpy(float)
-            if not np.isfinite(vals).any():
-                row[m.split("/")[1]] = "n/a"
-                continue
-            sm = summarize(vals[np.isfinite(vals)])
-            row[m.split("/")[1]] = (f"{sm['mean']:.4f} [{sm['ci_low']:.4f}, {sm['ci_high']:.4f}]" if sm["n"] > 1
-                                    else f"{sm['mean']:.4f}")
-        row["n"] = len(g)
+            ok = np.isfinite(vals)
+            row[m.split("/")[1]] = _interval(vals[ok], 3, (0.0, 1.0) if m.endswith("pl1") else None) if ok.any() else "n/a"
         rows.append(row)
     lines += [_md_table(pd.DataFrame(rows)), ""]
     fig_path = _inverted_triggers_figure(raws, out)
@@ -559,7 +583,7 @@ def build_report(sweep_or_results: str | Path | list, out: str | Path | None = N
     summ.insert(0, "seeds", g["seed"].nunique())
     md += ["## Summary (mean ± std over seeds)", "", _md_table(summ.reset_index()), ""]
     md += statistics_md(df, axes, metrics, meta.get("axes"))
-    md += detection_md(df, axes, meta.get("axes"))
+    md += detection_md(df, axes, meta.get("axes"), (meta.get("defense") or {}).get("scan_data", {}).get("detectors"))
     md += model_scan_md(df, raws, axes, out)
     cols = ["run_id", "seed", "clean"] + axes + ["n_poisons", "poison_rate"] + metrics
     runs = df[[c for c in dict.fromkeys(cols) if c in df.columns]].copy()
