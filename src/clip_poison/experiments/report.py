@@ -427,9 +427,13 @@ def model_scan_md(df: pd.DataFrame, raws: list[dict], axes: list[str], out: Path
                   f"blind z (larger = suspicious) {auc(v['model_scan/z'].to_numpy(float))}.", ""]
     attack_axes = [a for a in axes if a in v.columns and a.split(".")[0] in ("backdoor", "targeted", "craft")]
     rows = []
-    for key, g in v.groupby(["clean"] + attack_axes, dropna=False, sort=True):
+    # clean victims are one group whatever attack they were measured against
+    groups = list(v[~v["clean"]].groupby(attack_axes, dropna=False, sort=True)) if attack_axes else [((), v[~v["clean"]])]
+    for key, g in groups + [("clean", v[v["clean"]])]:
         key = key if isinstance(key, tuple) else (key,)
-        row = {"victims": "clean" if key[0] else ", ".join(_axis_label(a, x) for a, x in zip(attack_axes, key[1:]))}
+        if g.empty:
+            continue
+        row = {"victims": "clean" if key == ("clean",) else ", ".join(_axis_label(a, x) for a, x in zip(attack_axes, key))}
         for m in ("model_scan/pl1", "model_scan/z"):
             vals = g[m].to_numpy(float)
             ok = np.isfinite(vals)
@@ -516,7 +520,8 @@ def _pooled(sweeps: list[Path]) -> tuple[pd.DataFrame, list[dict], dict]:
         raws += rs
     if len(sweeps) == 1:
         return frames[0].drop(columns="sweep"), raws, metas[0]
-    ids = pd.concat(frames)["run_id"]
+    # a clean control may fill several rows of its own sweep (one per trigger); across sweeps, none
+    ids = pd.concat([f["run_id"].drop_duplicates() for f in frames])
     dup = ids[ids.duplicated()].unique().tolist()
     if dup:
         raise UserError(f"runs {dup[:3]} appear in more than one of the sweeps; pool sweeps of different runs")
@@ -587,7 +592,8 @@ def build_report(sweep_or_results: str | Path | list, out: str | Path | None = N
     md += model_scan_md(df, raws, axes, out)
     cols = ["run_id", "seed", "clean"] + axes + ["n_poisons", "poison_rate"] + metrics
     runs = df[[c for c in dict.fromkeys(cols) if c in df.columns]].copy()
-    runs["run_id"] = [f"[{i}](results/{i}.json)" for i in runs["run_id"]]
+    if len(sweeps) == 1:  # a pooled report's results live in their own sweeps' folders
+        runs["run_id"] = [f"[{i}](results/{i}.json)" for i in runs["run_id"]]
     md += ["## Runs", "", "Each run's resolved config, seed, versions and full metrics are in its result JSON.", "",
            _md_table(runs), ""]
     if failed:
