@@ -12,14 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import (CAPTION_KEY, FIG3_MAX_PAIRS, IMG_KEY, MAX_TARGETED_POISONS, PROBE_N, SEED, BackdoorConfig,
-                     CraftOptions, DemoConfig, ModelScanConfig, RealWorldConfig, TargetedConfig, TextConfig,
-                     TrainConfig, WorldConfig)
+                     CraftOptions, DemoConfig, ModelScanConfig, RealWorldConfig, ScanDataConfig, TargetedConfig,
+                     TextConfig, TrainConfig, WorldConfig)
 from .attacks.triggers import BLEND_ALPHA, SIG_DELTA, SIG_FREQUENCY, trigger_names
 from .io import UserError, atomic_write_json, check_out
 
 D_W, D_T, D_B, D_R = WorldConfig(), TargetedConfig(), BackdoorConfig(), TrainConfig()
-D_X, D_RW, D_S = TextConfig(), RealWorldConfig(), ModelScanConfig()
-DEFAULT_DETECTORS_CLI = ("near-duplicate", "k-dist", "slof", "dao", "clip-score")
+D_X, D_RW, D_S, D_SD = TextConfig(), RealWorldConfig(), ModelScanConfig(), ScanDataConfig()
 CAPTION_FIELDS = ("p_class_word", "p_synonym", "p_noisy_pair", "p_context", "p_distractor")
 
 
@@ -280,13 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "their manifests are the truth)")
     p.add_argument("--checkpoint", required=True, help="open_clip local-dir checkpoint that embeds the pairs "
                    "(the victim trained on this data, or a clean model with --clean-model)")
-    p.add_argument("--detectors", default=",".join(DEFAULT_DETECTORS_CLI),
+    p.add_argument("--detectors", default=",".join(D_SD.detectors),
                    help="comma list of detectors (loss-dynamics needs a victim trained with --record-pair-loss)")
-    p.add_argument("--k", type=POS_INT, default=10, help="neighbours of k-dist, slof and dao")
+    p.add_argument("--k", type=POS_INT, default=D_SD.k, help="neighbours of k-dist, slof and dao")
     p.add_argument("--reference", default=None, help="clean labelled images (wds or ImageFolder) the density "
                    "detectors also score against (columns NAME+ref); never images of the scanned set")
     p.add_argument("--reference-split", default="test")
-    p.add_argument("--reference-n", type=POS_INT, default=2000, help="first N reference images")
+    p.add_argument("--reference-n", type=POS_INT, default=D_SD.reference_n, help="first N reference images")
     p.add_argument("--clean-model", action="store_true",
                    help="the checkpoint is a clean reference model: clip-score flags pairs that agree badly (sign -1)")
     p.add_argument("--top", type=POS_INT, default=1000, help="rows per detector in ranked.csv")

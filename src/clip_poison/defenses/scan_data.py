@@ -32,13 +32,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..config import ScanDataConfig
 from ..io import UserError, atomic_dir, atomic_write_json, read_json, read_manifest, resize_to_input, sha256_file
 from .detectors import DETECTORS, gmm_split, phash_code, score_pairs
 
 Progress = Callable[[int, int], None]
 CHUNK = 2048
 DENSITY = ("k-dist", "slof", "dao")
-DEFAULT_DETECTORS = ("near-duplicate", "k-dist", "slof", "dao", "clip-score", "loss-dynamics")
+# the scans that need only the data and the checkpoint (loss-dynamics also needs a recording)
+DEFAULT_DETECTORS = tuple(ScanDataConfig().detectors)
 
 
 @dataclass
@@ -268,8 +270,8 @@ def scan_run(train_csv, poison_dirs, checkpoint, reference_images, cfg, seed: in
             "seconds": round(time.time() - t0, 2)}
 
 
-def scan_data(data, checkpoint, out, poison_dirs=(), detectors=DEFAULT_DETECTORS, k: int = 10,
-              reference=None, reference_split: str = "test", reference_n: int | None = 2000,
+def scan_data(data, checkpoint, out, poison_dirs=(), detectors=DEFAULT_DETECTORS, k: int = ScanDataConfig.k,
+              reference=None, reference_split: str = "test", reference_n: int | None = ScanDataConfig.reference_n,
               clean_model: bool = False, top: int = 1000, overwrite: bool = False, seed: int = 0,
               progress: Progress | None = None) -> dict:
     """The CLI's stage: scan, write the folder (module docstring), return metrics.json's content."""
