@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: the sweep folder)")
 
     p = _sub(ssubs, "data", "score every training pair with the data-scan detectors (higher = more suspicious); "
-             "with --poisons, ROC-AUC, PR-AUC and FPR@95%%TPR per detector and poison set",
+             "with --poisons, ROC-AUC, PR-AUC and FPR at 95 percent TPR per detector and poison set",
              "clip-poison scan data --data runs/world/train.csv --poisons runs/p_bd --checkpoint runs/victim --out runs/scan")
     p.add_argument("--data", required=True, help="clean training data: OpenCLIP CSV or webdataset shards; only read")
     p.add_argument("--poisons", nargs="*", default=[],
