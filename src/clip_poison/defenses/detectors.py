@@ -391,8 +391,8 @@ def near_duplicate(captions, image_emb=None, pixels=None, threshold: float | Non
     group that disagrees about what the image shows. Web data has innocent duplicates too (the
     same stock photo), but those usually repeat a caption, which scores 0. Backdoor poisons are
     caught too when, as ours, they stamp training images whose clean originals stay in the data
-    under another caption (ROC-AUC 0.93-0.98 on CIFAR-10, docs/results/defenses/detect/); bases
-    drawn from elsewhere (``--base-pool``) would share only the trigger.
+    under another caption (ROC-AUC 0.93-0.98 on CIFAR-10, docs/results/defenses/detect/); with bases
+    drawn from elsewhere (``--base-pool``) they share only the trigger, and score at chance (0.50).
 
     Pixels are the default because an embedding threshold has no safe default: a tiny victim puts
     every clean image at cos >= 0.98 of others, so the old fixed 0.98 flagged nearly every pair
