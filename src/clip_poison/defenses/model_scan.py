@@ -209,10 +209,10 @@ def scan_model_run(checkpoint: str | Path, images: list[np.ndarray], cfg: dict, 
     import base64
 
     t0 = time.time()
+    from ..victims.models import input_size
+
     model, preprocess, _ = load_victim(checkpoint)
-    size = model.visual.image_size
-    size = int(size if isinstance(size, int) else size[0])
-    result, inv = scan_images(model, preprocess, [resize_to_input(im, size) for im in images],
+    result, inv = scan_images(model, preprocess, [resize_to_input(im, input_size(model)) for im in images],
                               ModelScanConfig(**{**cfg, "seed": seed}))
     result["trigger_png_base64"] = base64.b64encode(png_bytes(np.rint(trigger_rgb(inv) * 255).astype(np.uint8))).decode()
     result["seconds"] = round(time.time() - t0, 2)

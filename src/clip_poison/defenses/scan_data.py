@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..config import ScanDataConfig
-from ..io import UserError, atomic_dir, atomic_write_json, read_json, read_manifest, resize_to_input, sha256_file
+from ..io import UserError, load_image, atomic_dir, atomic_write_json, read_json, read_manifest, resize_to_input, sha256_file
 from .detectors import DETECTORS, gmm_split, phash_code, score_pairs
 
 Progress = Callable[[int, int], None]
@@ -58,6 +58,7 @@ class ScannedSet:
     phash: np.ndarray  # N x 8 uint8 perceptual hashes (detectors.phash_code)
     poison_sets: list[dict] = field(default_factory=list)
     fingerprint: dict = field(default_factory=dict)
+    reference_emb: np.ndarray | None = None  # clean reference images under the same checkpoint
 
 
 def _rows(data, poison_dirs: list[Path], size: int) -> tuple[Iterator[tuple[int, str, str, np.ndarray]], dict]:
@@ -78,40 +79,37 @@ def _rows(data, poison_dirs: list[Path], size: int) -> tuple[Iterator[tuple[int,
                     from ..data.csvdata import read_csv_dataset
                     p = read_csv_dataset(Path(d) / m["csv"], own_files_only=True)
                     for path, cap in zip(p.paths, p.captions):
-                        yield i, Path(path).name, cap, _load(path)
+                        yield i, Path(path).name, cap, load_image(path)
                 else:
                     for s in iter_samples([Path(d) / sh for sh in m["shards"]]):
                         yield i, f"{Path(s.shard).name}:{s.key}", s.caption, s.image()
         return gen(), fp
-    paths, caps, n_clean, _ = training_rows(data, poison_dirs, size)
-    bounds = np.cumsum([n_clean] + [int(m["n_poisons"]) for m in manifests])
+    paths, caps, n_clean, sources = training_rows(data, poison_dirs, size)
+    bounds = np.cumsum([n_clean] + [int(src["n_poisons"]) for src in sources])
     fp = {"kind": "csv", "csv_sha256": sha256_file(data)}
 
     def gen_csv():
         for r, (p, c) in enumerate(zip(paths, caps)):
-            yield int(np.searchsorted(bounds, r, side="right")), p, c, _load(p)
+            yield int(np.searchsorted(bounds, r, side="right")), p, c, load_image(p)
     return gen_csv(), fp
 
 
-def _load(path: str) -> np.ndarray:
-    from ..io import load_image
-    return load_image(path)
-
-
 def embed_training_set(data, poison_dirs, checkpoint, progress: Progress | None = None,
-                       cache_dir: str | Path | None | bool = None) -> ScannedSet:
+                       cache_dir: str | Path | None | bool = None,
+                       reference_images: list[np.ndarray] | None = None) -> ScannedSet:
     """Stream the training set once; embed images and captions under ``checkpoint`` (cached under
-    ``CKPT/embeddings`` per chunk, keyed on the chunk's pixels and the weights, as evaluation is)."""
+    ``CKPT/embeddings`` per chunk, keyed on the chunk's pixels and the weights, as evaluation is),
+    and ``reference_images`` (clean images for the density detectors) with the same model."""
     import torch
     from ..io import sha256_pixels
     from ..metrics.embed import EmbeddingCache, embed_images
     from ..metrics.evaluate import CACHE_SUBDIR
     from ..victims.export import CONFIG, WEIGHTS, load_victim
+    from ..victims.models import input_size
 
     poison_dirs = [Path(d) for d in poison_dirs]
     model, preprocess, tokenizer = load_victim(checkpoint)
-    size = model.visual.image_size
-    size = int(size if isinstance(size, int) else size[0])
+    size = input_size(model)
     weights = sha256_file(Path(checkpoint) / WEIGHTS)
     pre_cfg = read_json(Path(checkpoint) / CONFIG, what="checkpoint config").get("preprocess_cfg")
     cache = EmbeddingCache(None if cache_dir is False else (cache_dir or Path(checkpoint) / CACHE_SUBDIR))
@@ -153,12 +151,15 @@ def embed_training_set(data, poison_dirs, checkpoint, progress: Progress | None 
     sets = [{"dir": str(d), "name": d.name, "attack": m["attack"], "n_poisons": int((is_source == i).sum()),
              "manifest_sha256": sha256_file(d / "manifest.json")}
             for i, (d, m) in enumerate(zip(poison_dirs, [read_manifest(d) for d in poison_dirs]), start=1)]
+    ref_emb = None if reference_images is None else \
+        embed_images(model, preprocess, [resize_to_input(im, size) for im in reference_images])
     return ScannedSet([names[i] for i in src], refs, caps, is_source, np.concatenate(img_chunks),
                       np.concatenate(txt_chunks), shas, np.stack(phashes), sets,
-                      {**fp, "n_rows": len(src), "checkpoint": str(checkpoint), "weights_sha256": weights})
+                      {**fp, "n_rows": len(src), "checkpoint": str(checkpoint), "weights_sha256": weights},
+                      ref_emb)
 
 
-def check_detectors(names, have_reference: bool = False) -> list[str]:
+def check_detectors(names) -> list[str]:
     names = list(names)
     bad = [n for n in names if n not in DETECTORS]
     if bad:
@@ -246,20 +247,13 @@ def scan_run(train_csv, poison_dirs, checkpoint, reference_images, cfg, seed: in
              record_pair_loss: bool = False) -> dict:
     """The run loop's data scan of one poisoned victim: per detector the detection metrics on its
     one poison set, the GMM split of clip-score and seconds (no files; the CLI writes those)."""
-    from ..metrics.embed import embed_images
-    from ..victims.export import load_victim
-
     t0 = time.time()
     detectors = check_detectors([d for d in cfg["detectors"] if d != "loss-dynamics" or record_pair_loss])
     if "loss-dynamics" in detectors:
         check_pair_loss(Path(checkpoint), train_csv, poison_dirs)
-    s = embed_training_set(train_csv, poison_dirs, checkpoint)
-    ref = None
-    if reference_images is not None and any(d in DENSITY for d in detectors):
-        model, preprocess, _ = load_victim(checkpoint)
-        size = model.visual.image_size
-        ref = embed_images(model, preprocess, [resize_to_input(im, int(size if isinstance(size, int) else size[0]))
-                                               for im in reference_images])
+    use_ref = reference_images is not None and any(d in DENSITY for d in detectors)
+    s = embed_training_set(train_csv, poison_dirs, checkpoint, reference_images=reference_images if use_ref else None)
+    ref = s.reference_emb
     loss = _pair_loss(Path(checkpoint), s) if "loss-dynamics" in detectors else None
     scores, seconds = run_detectors(s, detectors, int(cfg["k"]), ref, False, loss)
     table = detection_table(s, scores, seed)
@@ -287,17 +281,12 @@ def scan_data(data, checkpoint, out, poison_dirs=(), detectors=DEFAULT_DETECTORS
     check_out(out, [data, checkpoint, *poison_dirs] + ([reference] if reference else []), overwrite)
     if "loss-dynamics" in detectors:
         check_pair_loss(checkpoint, data, poison_dirs)
-    ref_emb = None
+    ref_images = None
     if reference is not None:
         from ..data.evalsets import load_evalset
-        from ..metrics.embed import embed_images
-        from ..victims.export import load_victim
-        ref = load_evalset(reference, reference_split, reference_n)
-        model, preprocess, _ = load_victim(checkpoint)
-        size = model.visual.image_size
-        ref_emb = embed_images(model, preprocess, [resize_to_input(im, int(size if isinstance(size, int) else size[0]))
-                                                   for im in ref.images])
-    s = embed_training_set(data, poison_dirs, checkpoint, progress)
+        ref_images = load_evalset(reference, reference_split, reference_n).images
+    s = embed_training_set(data, poison_dirs, checkpoint, progress, reference_images=ref_images)
+    ref_emb = s.reference_emb
     loss = _pair_loss(checkpoint, s) if "loss-dynamics" in detectors else None
     scores, seconds = run_detectors(s, detectors, k, ref_emb, clean_model, loss)
     metrics = {"detection": detection_table(s, scores, seed) if s.poison_sets else {},

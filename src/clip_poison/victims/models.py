@@ -38,7 +38,15 @@ def model_config(name: str) -> dict:
 
 
 def image_size(name: str) -> int:
-    size = model_config(name)["vision_cfg"]["image_size"]
+    return _side(model_config(name)["vision_cfg"]["image_size"])
+
+
+def input_size(model) -> int:
+    """The input side of a loaded open_clip model (its ``visual.image_size``, an int or a pair)."""
+    return _side(model.visual.image_size)
+
+
+def _side(size) -> int:
     return int(size if isinstance(size, int) else size[0])
 
 
