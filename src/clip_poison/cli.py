@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record-pair-loss", action="store_true",
                    help="also write every pair's contrastive loss per epoch (pair_loss.npy, for the loss-dynamics "
                         "detector); fast backend only; training is unchanged")
+    p.add_argument("--init", metavar="CKPT", help="fine-tune this checkpoint instead of training from scratch: a "
+                   "local-dir folder from `clip-poison train` or an open_clip weights file of the same --model")
     p.add_argument("--seed", type=int, default=D_R.seed)
     p.add_argument("--out", required=True, help="new checkpoint folder")
     p.add_argument("--overwrite", action="store_true")
@@ -463,11 +465,11 @@ def cmd_train(a) -> int:
         prog.update(tasks[0], completed=done, total=total)
 
     with _progress() as prog:
-        cfg = replace(_train_cfg(a, a.seed), record_pair_loss=a.record_pair_loss)
+        cfg = replace(_train_cfg(a, a.seed), record_pair_loss=a.record_pair_loss, init=a.init)
         info = train_victim(a.data, a.poisons, cfg, a.out, overwrite=a.overwrite,
                             progress=progress, allow_shared_label=a.allow_shared_label)
-    print(f"wrote checkpoint {a.out} ({info['data']['n_clean']} clean + {info['data']['n_poisons']} poison pairs, "
-          f"{info['seconds']:.0f} s); load it with open_clip.create_model_and_transforms('local-dir:{a.out}')")
+    print(f"wrote checkpoint {a.out} ({'fine-tuned from ' + a.init + ' on ' if a.init else ''}"
+          f"{info['data']['n_clean']} clean + {info['data']['n_poisons']} poison pairs, {info['seconds']:.0f} s); load it with open_clip.create_model_and_transforms('local-dir:{a.out}')")
     return 0
 
 

@@ -151,6 +151,9 @@ class TrainConfig:
     # Store every pair's own contrastive loss each time it is seen (pair_loss.npy, fast backend
     # only): the training dynamics the loss-dynamics detector scans (§6). Training is unchanged.
     record_pair_loss: bool = late(False)
+    # Start from this checkpoint instead of from scratch (a fine-tune): a local-dir checkpoint folder
+    # or an open_clip weights file of the same architecture and input size. None = from scratch.
+    init: str | None = late(None)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import open_clip
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from ..io import UserError, atomic_write_bytes, atomic_write_json
+from ..io import UserError, atomic_write_bytes, atomic_write_json, read_json
 
 WEIGHTS = "open_clip_pytorch_model.bin"
 CONFIG = "open_clip_config.json"
@@ -34,6 +34,47 @@ def export_local_dir(model_cfg: dict, state_dict: dict, out_dir: str | Path) -> 
     atomic_write_bytes(out_dir / WEIGHTS, buf.getvalue())
     atomic_write_json(out_dir / CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(size)})
     return out_dir
+
+
+def init_weights(init: str | Path, model_cfg: dict, model_name: str) -> tuple[dict, dict]:
+    """The state dict a fine-tune starts from (``train --init``), checked against the model to be
+    trained: a local-dir checkpoint (its ``open_clip_config.json`` must hold the same architecture
+    and input size) or a bare weights file (every tensor's name and shape must match). Returns the
+    state dict and what ``train.json`` records about it (path and weights hash)."""
+    from ..io import sha256_file
+
+    p = Path(init)
+    weights = p / WEIGHTS if p.is_dir() else p
+    if p.is_dir():
+        if not (p / CONFIG).is_file() or not weights.is_file():
+            raise UserError(f"--init {p} is a folder but not an open_clip local-dir checkpoint ({CONFIG} + {WEIGHTS}); "
+                            "pass the folder `clip-poison train` wrote, or a weights file")
+        theirs = read_json(p / CONFIG).get("model_cfg", {})
+        if theirs != model_cfg:
+            size = lambda c: c.get("vision_cfg", {}).get("image_size")  # noqa: E731
+            what = (f"input size {size(theirs)} px, not {size(model_cfg)} px" if size(theirs) != size(model_cfg)
+                    else "another architecture (its model_cfg differs)")
+            raise UserError(f"--init {p} is a checkpoint of {what} than --model {model_name}; fine-tune it with the "
+                            "--model it was trained as, or start from scratch")
+    elif not p.is_file():
+        raise UserError(f"--init {p} does not exist; pass a local-dir checkpoint folder or an open_clip weights file")
+    try:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"--init {weights} is not a readable torch weights file ({type(e).__name__}); "
+                        "pass the folder `clip-poison train` wrote") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"--init {weights} holds no state dict of tensors; pass an open_clip checkpoint")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    ref = {k: tuple(v.shape) for k, v in open_clip.create_model(model_name, device="meta").state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if got != ref:
+        bad = sorted(set(ref) ^ set(got)) or sorted(k for k in ref if ref[k] != got[k])
+        raise UserError(f"--init {weights} does not fit --model {model_name} (another architecture or input size; "
+                        f"first difference: {bad[0]} {got.get(bad[0])} vs {ref.get(bad[0])}); fine-tune with the "
+                        "--model it was trained as")
+    return sd, {"path": str(p.resolve()), "weights_sha256": sha256_file(weights)}
 
 
 def load_victim(ckpt_dir: str | Path, device: str = "cpu"):

@@ -43,7 +43,7 @@ from torchvision.transforms import v2
 
 from ..config import TrainConfig
 from ..io import UserError, atomic_dir, atomic_write_json, load_image, package_versions, resize_to_input, sha256_file
-from .export import export_local_dir
+from .export import export_local_dir, init_weights
 from .models import image_size, model_config, register_victims
 from .order import epoch_order
 from .openclip_train import PATHS_NOTE, openclip_crop_ratio, recorded_path, training_rows
@@ -74,6 +74,43 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+@dataclass
+class TrainContext:
+    """What an ``Objective`` sees of a run: the model, every training pair in memory (raw uint8
+    pixels at input size and captions, clean rows first), and how a batch becomes model input."""
+
+    model: torch.nn.Module
+    forward: Callable
+    pixels: torch.Tensor  # N x 3 x H x W uint8, before any crop or normalisation
+    captions: list[str]
+    tokenizer: Callable
+    normalize: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> the model's float input
+    n_clean: int
+    cfg: TrainConfig
+    steps_per_epoch: int
+
+
+class Objective:
+    """The loss of a training step, where defenses plug into the trainer (robust training, repair)
+    without the trainer importing them. The default is open_clip's ClipLoss on the batch; an
+    objective may run more forward passes (augmented views) or weight pairs (a safe set)."""
+
+    name = "clip"
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before each epoch's first step (e.g. to re-split pairs with the current model)."""
+
+    def loss(self, imgs: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        """What ``train.json`` records about the objective (its settings and what it did)."""
+        return {"name": self.name}
 
 
 @dataclass
@@ -129,14 +166,19 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, impl: str = "for-l
 
 def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainConfig, out: str | Path,
                overwrite: bool = False, progress: Progress | None = None,
-               options: FastOptions | None = None) -> dict:
+               options: FastOptions | None = None, objective: Objective | None = None) -> dict:
     """Train on X ∪ P in this process; writes the same local-dir checkpoint + ``train.json`` as
-    ``train_open_clip_train``. The whole dataset is decoded into RAM (laptop scale only)."""
+    ``train_open_clip_train``. The whole dataset is decoded into RAM (laptop scale only).
+    ``cfg.init`` starts from a checkpoint (a fine-tune); ``objective`` replaces the CLIP loss."""
     opts = options or FastOptions()
     register_victims()
     model_cfg = model_config(cfg.model)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be >= 1")
+    if objective is not None and cfg.record_pair_loss:
+        raise UserError(f"--record-pair-loss records the plain CLIP loss; it cannot be combined with the "
+                        f"{objective.name} objective")
+    init_sd, init_info = init_weights(cfg.init, model_cfg, cfg.model) if cfg.init else (None, None)
     timings = {}
     t0 = time.time()
     paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs, image_size(cfg.model))
@@ -146,6 +188,8 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
         raise UserError(f"{n} training pairs are fewer than one batch of {cfg.batch_size}; lower --batch-size")
     _seed_everything(cfg.seed)
     model = open_clip.create_model(cfg.model, device="cpu", precision="fp32", output_dict=True)
+    if init_sd is not None:
+        model.load_state_dict(init_sd)
     tokenizer = open_clip.get_tokenizer(cfg.model)
     size = model.visual.image_size
     size = size if isinstance(size, int) else size[0]
@@ -160,6 +204,11 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     mean = torch.tensor(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(model.visual.image_std or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     crop = None
+    raw = pixels
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() / 255.0 - mean) / std).contiguous(memory_format=layout)
+
     if tuple(cfg.crop_scale) != (1.0, 1.0):
         crop = train_crop(size, cfg.crop_scale)
     else:
@@ -167,7 +216,7 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
         # w, h <= S can only be S×S (rounding cannot shorten one side without the other passing S),
         # the fallback after rejected draws is the whole image, and resizing S to S is the identity
         # (tested). So normalise once (the same ops per image as per batch, n times not n*epochs).
-        pixels = ((pixels.float() / 255.0 - mean) / std).contiguous(memory_format=layout)
+        pixels = normalize(pixels)
     timings["data"] = time.time() - t1
 
     optimizer = build_optimizer(model, cfg, opts.optimizer_impl)
@@ -182,23 +231,31 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     steps_per_epoch = n // cfg.batch_size  # drop_last, as open_clip_train
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = cosine_lr(optimizer, cfg.lr, cfg.warmup, total_steps)
+    if objective is not None:
+        objective.setup(TrainContext(model, forward, raw, caps, tokenizer, normalize, n_clean, cfg, steps_per_epoch))
     model.train()
     t_fb = t_opt = 0.0
     t2 = time.time()
     losses = []
     for epoch in range(cfg.epochs):
         order = epoch_order(n, n_clean, cfg.seed, epoch)
+        if objective is not None:
+            objective.begin_epoch(epoch)
+            model.train()
         for i in range(steps_per_epoch):
             scheduler(epoch * steps_per_epoch + i)
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             imgs = pixels[idx]
             if crop is not None:
                 imgs = torch.stack([crop(im) for im in imgs])
-                imgs = ((imgs.float() / 255.0 - mean) / std).contiguous(memory_format=layout)
+                imgs = normalize(imgs)
             ta = time.time()
             optimizer.zero_grad(set_to_none=True)
-            out_ = forward(imgs, tokens[idx])
-            loss = loss_fn(out_["image_features"], out_["text_features"], out_["logit_scale"])
+            if objective is not None:
+                loss = objective.loss(imgs, tokens[idx], idx, epoch)
+            else:
+                out_ = forward(imgs, tokens[idx])
+                loss = loss_fn(out_["image_features"], out_["text_features"], out_["logit_scale"])
             if pair_loss is not None:
                 with torch.no_grad():
                     pair_loss[idx.numpy(), epoch] = per_pair_clip_loss(*loss_fn.logits).numpy()
@@ -228,6 +285,8 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
                 "data": {"train_csv": recorded_path(train_csv, out), "paths": PATHS_NOTE,
                          "train_csv_sha256": sha256_file(train_csv),
                          "n_clean": n_clean, "n_poisons": n - n_clean, "poison_sets": sources},
+                **({"init": init_info} if init_info else {}),
+                **({"objective": objective.info()} if objective is not None else {}),
                 "model_cfg": model_cfg, "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])),
                 # per step, as open_clip_train logs it: the backends are compared step by step (tests)
                 "loss_per_step": [round(x, 6) for x in losses],
@@ -265,4 +324,4 @@ def _pair_loss_rows(data: dict, cfg: TrainConfig, n: int) -> dict:
     }
 
 
-__all__ = ["PAIR_LOSS", "FastOptions", "build_optimizer", "per_pair_clip_loss", "train_fast"]
+__all__ = ["PAIR_LOSS", "FastOptions", "Objective", "TrainContext", "build_optimizer", "per_pair_clip_loss", "train_fast"]

@@ -21,7 +21,7 @@ import torch
 from ..config import CAPTION_KEY, IMG_KEY, TrainConfig
 from ..data.csvdata import read_csv_dataset, write_csv_rows
 from ..io import UserError, check_stamped_size, read_manifest, atomic_dir, atomic_write_json, package_versions, sha256_file
-from .export import export_local_dir
+from .export import export_local_dir, init_weights
 from .models import image_size, model_config
 
 PROGRESS = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+)")
@@ -163,7 +163,16 @@ def open_clip_train_argv(cfg: TrainConfig, csv_path: Path | None, logs: Path, n_
         "--logs", str(logs), "--name", "run", "--save-frequency", "0", "--report-to", "",
         # no ratio=: open_clip ignores it (openclip_crop_ratio), so passing one would only mislead
         "--log-every-n-steps", "1", "--aug-cfg", f"scale=({lo},{hi})",
-    ]
+    ] + (["--pretrained", str(init_file(cfg.init))] if cfg.init else [])
+
+
+def init_file(init: str | Path) -> Path:
+    """The weights file open_clip_train's ``--pretrained`` loads for ``--init`` (a file path, the
+    form open_clip accepts besides a pretrained tag)."""
+    from .export import WEIGHTS
+
+    p = Path(init).resolve()
+    return p / WEIGHTS if p.is_dir() else p
 
 
 def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainConfig,
@@ -177,6 +186,8 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be >= 1")
     t0 = time.time()
+    # checked here (same message as the fast backend), not deep inside the subprocess's log
+    init_info = init_weights(cfg.init, model_cfg, cfg.model)[1] if cfg.init else None
     from ..data.wds import is_wds_spec
 
     wds_data = None
@@ -232,6 +243,7 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
                          "train_csv_sha256": None if wds_data else sha256_file(train_csv),
                          "train_data": wds_data or str(csv_path.name), "format": "wds" if wds_data else "csv",
                          "n_clean": n_clean, "n_poisons": n_total - n_clean, "poison_sets": sources},
+                **({"init": init_info} if init_info else {}),
                 # as open_clip_train logs it (5 significant digits), one per step
                 "model_cfg": model_cfg, "loss_per_step": losses,
                 "seconds": round(time.time() - t0, 2), "versions": package_versions()}

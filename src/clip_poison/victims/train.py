@@ -8,18 +8,23 @@ from .openclip_train import train_open_clip_train
 
 
 def train_victim(train_csv, poison_dirs, cfg: TrainConfig, out, overwrite=False, progress=None,
-                 fast_options=None, allow_shared_label: bool = False) -> dict:
+                 fast_options=None, allow_shared_label: bool = False, objective=None) -> dict:
     """One interface, two backends (``cfg.backend``: "fast" or "open_clip_train"). Poison sets that
-    attack the same label are refused unless ``allow_shared_label``."""
+    attack the same label are refused unless ``allow_shared_label``. ``cfg.init`` fine-tunes a
+    checkpoint on either backend; ``objective`` (a ``fast.Objective``: robust training, repair)
+    replaces the CLIP loss on the fast backend only."""
     check_distinct_targets(list(poison_dirs), allow_shared_label)
-    check_out(out, [train_csv, *poison_dirs], overwrite)  # before training, not after it
+    check_out(out, [train_csv, *poison_dirs, *([cfg.init] if cfg.init else [])], overwrite)  # before training
+    if objective is not None and cfg.backend != "fast":
+        raise UserError(f"the {objective.name} objective runs on --backend fast only: open_clip_train computes its "
+                        "loss inside its own train_one_epoch, which cannot be swapped without forking the trainer")
 
     backends = {"fast": train_fast, "open_clip_train": train_open_clip_train}
     if cfg.backend not in backends:
         raise UserError(f"unknown backend {cfg.backend!r}; use one of {sorted(backends)}")
     if cfg.backend == "fast":
         return train_fast(train_csv, poison_dirs, cfg, out, overwrite=overwrite, progress=progress,
-                          options=fast_options)
+                          options=fast_options, objective=objective)
     return train_open_clip_train(train_csv, poison_dirs, cfg, out, overwrite=overwrite, progress=progress)
 
 
