@@ -154,6 +154,8 @@ class TrainConfig:
     # Start from this checkpoint instead of from scratch (a fine-tune): a local-dir checkpoint folder
     # or an open_clip weights file of the same architecture and input size. None = from scratch.
     init: str | None = late(None)
+    # Robust training: "none" or "safeclip" (fast backend; the objective lives in defenses/robust.py).
+    defense: str = late("none")
 
 
 @dataclass
@@ -200,6 +202,43 @@ class ModelScanConfig:
     max_steps: int = 1000
     batch_size: int = 64
     lr: float = 0.1  # Adam on the mask and pattern logits (DECREE: betas 0.5, 0.9)
+
+
+@dataclass
+class FinetuneConfig:
+    """The fine-tuning threat model (BadCLIP, CleanCLIP): the poisons arrive while a pretrained model
+    is fine-tuned. A run with this section splits the world's training pairs in two seeded parts:
+    a clean model is pretrained on one, the victim trains on the other ∪ P, starting from that
+    model ("pretrained") or from scratch ("scratch"), so the two arms differ in their start only."""
+
+    # "scratch", "pretrained" (the clean model the run pretrains on its held-out part, same recipe),
+    # or the path of a checkpoint to start from.
+    init: str = "scratch"
+    # Share of the world's training pairs held out for pretraining (never in the fine-tune set).
+    pretrain_fraction: float = 0.5
+
+
+@dataclass
+class RepairRunConfig:
+    """``defense.repair`` of a sweep: CleanCLIP repairs of each poisoned victim (``RepairConfig``
+    gives the recipe; the fields here say what a run repairs with and which learning rates)."""
+
+    # Clean pairs of X the defender repairs with, a seeded subset (CleanCLIP: 100k clean pairs, 3.3 %
+    # of CC3M; 1,000 of 10,000 here, enough for 15 batches of 64 per epoch).
+    n_clean: int = 1000
+    # One repair per learning rate; None = RepairConfig's default (fixed before any ASR was seen).
+    lrs: list = field(default_factory=lambda: [None])
+
+
+@dataclass
+class FilterConfig:
+    """``defense.filter``: drop each data-scan column's top ``fraction`` of pairs, retrain from scratch
+    with the victim's recipe and seed, evaluate (one retrain per detector)."""
+
+    # Columns of the run's data scan (a detector, or a density detector against the reference: "dao+ref").
+    detectors: list = field(default_factory=lambda: ["clip-score"])
+    # Share of X ∪ P removed. The defender does not know |P|; 0.1 is ~2-4x the poison rates swept here.
+    fraction: float = 0.1
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -119,7 +120,7 @@ def headline(r: dict) -> dict:
     return out
 
 
-def defend(cfg: dict, world: Path, victim: Path, train_dirs: list[Path]) -> dict:
+def defend(cfg: dict, world: Path, victim: Path, train_dirs: list[Path], train_csv: Path | None = None) -> dict:
     """The defense step: the data scan of a poisoned victim's training set (a clean victim's has
     nothing to find) and the blind model scan of every victim, both on clean images the defender
     may assume (``load_clean_reference``: never trained on, never an x')."""
@@ -133,8 +134,9 @@ def defend(cfg: dict, world: Path, victim: Path, train_dirs: list[Path]) -> dict
     ref = load_clean_reference(world, ev.get("max_n"), n_ref).images if n_ref else None
     out = {}
     if sd and train_dirs:
-        out["scan_data"] = scan_run(world / "train.csv", train_dirs, victim, ref[:sd["reference_n"]] if ref else None,
-                                    sd, cfg["seed"], bool(cfg["train"].get("record_pair_loss")))
+        out["scan_data"] = scan_run(train_csv or world / "train.csv", train_dirs, victim,
+                                    ref[:sd["reference_n"]] if ref else None, sd, cfg["seed"],
+                                    bool(cfg["train"].get("record_pair_loss")), keep_scores=bool(d.get("filter")))
     if sm:
         from .defenses.model_scan import scan_model_run
         out["scan_model"] = scan_model_run(victim, ref[:2 * sm["max_images"]], sm, cfg["seed"])
@@ -156,13 +158,99 @@ def _eval_attacks(cfg: dict) -> list[tuple[str, dict]]:
     return [(e["attack"], a) for e in ([ev] if isinstance(ev, dict) else ev) for a in e["configs"]]
 
 
+def finetune_split(cfg: dict, world: Path, work: Path, progress: Progress | None = None,
+                   say: Stage | None = None) -> tuple[Path, str | None]:
+    """The fine-tuning threat model (``config.FinetuneConfig``): the world's training pairs in two
+    seeded parts written as CSVs under ``work``, the clean pretrained model when the run starts from
+    it. Returns the fine-tune CSV (the victim's X) and the checkpoint the victim starts from."""
+    from .config import FinetuneConfig
+    from .data.csvdata import read_csv_dataset, write_csv_rows
+    from .victims.train import train_victim
+
+    ft = FinetuneConfig(**cfg["finetune"])
+    if not 0 < ft.pretrain_fraction < 1:
+        raise UserError(f"finetune.pretrain_fraction must be between 0 and 1, got {ft.pretrain_fraction}")
+    x = read_csv_dataset(world / "train.csv")
+    order = rng_for(cfg["seed"], "finetune/split").permutation(len(x))
+    n_pre = int(round(ft.pretrain_fraction * len(x)))
+    parts = {"pretrain": np.sort(order[:n_pre]), "finetune": np.sort(order[n_pre:])}
+    for name, rows in parts.items():
+        write_csv_rows(work / f"{name}.csv", [x.paths[i] for i in rows], [x.captions[i] for i in rows])
+    init = None if ft.init == "scratch" else ft.init
+    if ft.init == "pretrained":
+        init = str(work / "pretrained")
+        if not (work / "pretrained" / "train.json").is_file():
+            tcfg = TrainConfig(**{**cfg["train"], "crop_scale": tuple(cfg["train"]["crop_scale"]), "init": None,
+                                  "defense": "none", "record_pair_loss": False})
+            (say or (lambda m: None))(f"victims: pretraining a clean model on {n_pre} of {len(x)} pairs")
+            train_victim(work / "pretrain.csv", [], tcfg, work / "pretrained", progress=progress)
+    return work / "finetune.csv", init
+
+
+def repair_data(train_csv: Path, n: int, seed: int, out: Path) -> Path:
+    """The clean pairs a repair fine-tunes on: a seeded subset of X (never P), as CleanCLIP's clean
+    subset of the pre-training data."""
+    from .data.csvdata import read_csv_dataset, write_csv_rows
+
+    x = read_csv_dataset(train_csv)
+    if not 1 <= n <= len(x):
+        raise UserError(f"defense.repair.n_clean is {n}; it must be between 1 and |X| = {len(x)}")
+    rows = np.sort(rng_for(seed, "mitigate/repair-data").choice(len(x), n, replace=False))
+    write_csv_rows(out, [x.paths[i] for i in rows], [x.captions[i] for i in rows])
+    return out
+
+
+def mitigate(cfg: dict, tcfg: TrainConfig, train_csv: Path, train_dirs: list[Path], victim: Path,
+             scores: dict | None, measure: Callable[[Path], dict], work: Path, say: Stage) -> dict:
+    """The mitigations of a poisoned victim, each measured like the victim itself (``measure``):
+    CleanCLIP repairs at each learning rate (``defense.repair``) and filter-and-retrain
+    (``defense.filter``: the data scan's top-ranked pairs removed, the victim's recipe from scratch).
+    Robust training is a victim of its own (``train.defense``), not a step here."""
+    from .config import RepairConfig
+    from .data.csvdata import write_csv_rows
+    from .defenses.repair import repair
+    from .victims.openclip_train import training_rows
+    from .victims.train import train_victim
+
+    d, seed, out = cfg["defense"], cfg["seed"], {}
+    work.mkdir(parents=True, exist_ok=True)
+    if d.get("repair"):
+        rc = dict(d["repair"])
+        data = repair_data(train_csv, int(rc.pop("n_clean")), seed, work / "repair-clean.csv")
+        out["repair"] = []
+        for i, lr in enumerate(rc.pop("lrs")):
+            say(f"defenses: CleanCLIP repair at lr {lr if lr is not None else 'default'}")
+            t0 = time.time()
+            info = repair(victim, data, RepairConfig(**rc, lr=lr, seed=seed), work / f"repair-{i}")
+            out["repair"].append({"lr": info["objective"]["lr"], "lr_default": lr is None,
+                                  "metrics": measure(work / f"repair-{i}"), "seconds": round(time.time() - t0, 2)})
+    if d.get("filter"):
+        paths, caps, n_clean, _ = training_rows(train_csv, train_dirs)
+        tcfg = replace(tcfg, record_pair_loss=False)  # the victim's recipe, seed and start
+        out["filter"] = []
+        for det in d["filter"]["detectors"]:
+            sc = scores[det]
+            n_drop = int(round(d["filter"]["fraction"] * len(sc)))
+            drop = np.argsort(-sc, kind="stable")[:n_drop]  # ties: the earlier row first
+            keep = np.setdiff1d(np.arange(len(sc)), drop)
+            say(f"defenses: retraining without the {n_drop} pairs {det} ranks most suspicious")
+            t0 = time.time()
+            csv = work / f"filter-{det}.csv"
+            write_csv_rows(csv, [paths[i] for i in keep], [caps[i] for i in keep])
+            train_victim(csv, [], tcfg, work / f"filter-{det}")
+            out["filter"].append({"detector": det, "fraction": d["filter"]["fraction"], "n_removed": n_drop,
+                                  "poisons_removed": int((drop >= n_clean).sum()), "n_poisons": len(sc) - n_clean,
+                                  "metrics": measure(work / f"filter-{det}"), "seconds": round(time.time() - t0, 2)})
+    return out
+
+
 def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress | None = None,
         stage: Stage | None = None) -> dict:
     """Run one resolved run config on the world folder ``world`` (rendered already: runs share
     worlds), writing its poison sets under ``poisons`` and the victim checkpoint to ``victim``.
     Returns the result: ``metrics`` (``headline``), per-attack ``backdoor``/``targeted`` entries,
-    ``similarity`` when asked, ``train``, and (for callers to keep or drop) the full ``evaluation``
-    and the ``manifests`` it was measured against."""
+    ``similarity`` when asked, ``train``, ``defense`` and ``mitigate`` when asked, and (for callers
+    to keep or drop) the full ``evaluation`` and the ``manifests`` it was measured against."""
     from .io import read_manifest
     from .data.csvdata import read_csv_dataset
     from .data.worldfolder import load_probe_train, load_world_evalset
@@ -171,7 +259,12 @@ def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress 
     from .victims.train import train_victim
 
     say = stage or (lambda s: None)
-    train = read_csv_dataset(world / "train.csv")
+    work = victim.parent / f"{victim.name}-work"  # the run's own files besides the victim (splits, repairs)
+    train_csv, init = world / "train.csv", cfg["train"].get("init")
+    if cfg.get("finetune"):
+        work.mkdir(parents=True, exist_ok=True)
+        train_csv, init = finetune_split(cfg, world, work, progress, say)
+    train = read_csv_dataset(train_csv)
     ecfg = cfg.get("eval") or {}
     evalset = load_world_evalset(world, ecfg.get("max_n"))
     # §4.2: the probe is fit on labelled images the eval set does not contain: train-split photos
@@ -186,10 +279,15 @@ def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress 
     dirs = [craft(a, acfg, n_targets, seed, train, evalset, size, poisons, cfg.get("craft") if i == 0 and attack != "none" else None)
             for i, (a, acfg) in enumerate(sets)]
     train_dirs = dirs[:1] if attack != "none" else []
-    tcfg = TrainConfig(**{**cfg["train"], "crop_scale": tuple(cfg["train"]["crop_scale"])})
-    say(f"victims: training the {attack if attack != 'none' else 'clean'} victim ({tcfg.backend}; "
+    tcfg = TrainConfig(**{**cfg["train"], "crop_scale": tuple(cfg["train"]["crop_scale"]), "init": init})
+    objective = None
+    if tcfg.defense != "none":
+        from .defenses.robust import objective_for
+        objective = objective_for(tcfg)
+    say(f"victims: training the {attack if attack != 'none' else 'clean'} victim ({tcfg.backend}"
+        + (f", {tcfg.defense}" if objective else "") + (", fine-tuned" if init else "") + "; "
         + (f"X ∪ the {attack} poisons)" if train_dirs else "X only)"))
-    info = train_victim(world / "train.csv", train_dirs, tcfg, victim, progress=progress)
+    info = train_victim(train_csv, train_dirs, tcfg, victim, progress=progress, objective=objective)
     manifests = [read_manifest(d) for d in dirs]
     similarity = "similarity" in cfg.get("analyses", []) and attack == "backdoor"
     metrics = DEFAULT_METRICS + (("probe",) if probe_train is not None else ()) + (("fig3",) if similarity else ())
@@ -213,10 +311,18 @@ def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress 
         "train": {k: v for k, v in info.items() if k not in ("model_cfg", "recipe", "versions", "data")},
         "eval_seconds": ev["seconds"],
     }
+    scores = None
     if cfg.get("defense"):
         say("defenses: scanning the training set and the victim")
-        result["defense"] = defend(cfg, world, victim, train_dirs)
+        result["defense"] = defend(cfg, world, victim, train_dirs, train_csv)
+        scores = (result["defense"].get("scan_data") or {}).pop("scores", None)
         result["metrics"].update(defense_headline(result["defense"]))
+    if (cfg.get("defense") or {}).keys() & {"repair", "filter"} and train_dirs and objective is None:
+        # one mitigation at a time: a robust-trained victim is not also repaired or filtered
+        def measure(ckpt: Path) -> dict:
+            return headline(evaluate_checkpoint(ckpt, evalset, manifests, seed=seed, probe_train=probe_train,
+                                                metrics=metrics))
+        result["mitigate"] = mitigate(cfg, tcfg, train_csv, train_dirs, victim, scores, measure, work, say)
     if similarity:  # Figure 3 (§5.1), from the evaluation's own cached embeddings
         b = ev["backdoor"][0]
         result["similarity"] = {"available": True, "trigger": b["trigger"],

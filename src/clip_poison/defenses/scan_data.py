@@ -244,9 +244,11 @@ def detection_table(s: ScannedSet, scores: dict, seed: int = 0) -> dict:
 
 
 def scan_run(train_csv, poison_dirs, checkpoint, reference_images, cfg, seed: int = 0,
-             record_pair_loss: bool = False) -> dict:
+             record_pair_loss: bool = False, keep_scores: bool = False) -> dict:
     """The run loop's data scan of one poisoned victim: per detector the detection metrics on its
-    one poison set, the GMM split of clip-score and seconds (no files; the CLI writes those)."""
+    one poison set, the GMM split of clip-score and seconds (no files; the CLI writes those).
+    ``keep_scores`` adds ``scores``: every column's per-pair scores in training order (arrays, for
+    filter-and-retrain; the caller drops them before writing JSON)."""
     t0 = time.time()
     detectors = check_detectors([d for d in cfg["detectors"] if d != "loss-dynamics" or record_pair_loss])
     if "loss-dynamics" in detectors:
@@ -261,7 +263,7 @@ def scan_run(train_csv, poison_dirs, checkpoint, reference_images, cfg, seed: in
     return {"detectors": {d: {**per[name], "seconds": seconds[d]} for d, per in table.items()},
             "gmm_split": table.get("clip-score", {}).get("gmm_split"), "n_rows": len(s.refs),
             "n_poisons": s.poison_sets[0]["n_poisons"], "reference_n": None if ref is None else int(len(ref)),
-            "seconds": round(time.time() - t0, 2)}
+            "seconds": round(time.time() - t0, 2), **({"scores": scores} if keep_scores else {})}
 
 
 def scan_data(data, checkpoint, out, poison_dirs=(), detectors=DEFAULT_DETECTORS, k: int = ScanDataConfig.k,

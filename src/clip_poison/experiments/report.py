@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..io import UserError, atomic_write_bytes, read_json
 
-CONFIG_SECTIONS = ("world", "real_world", "backdoor", "targeted", "craft", "train", "eval")
+CONFIG_SECTIONS = ("world", "real_world", "backdoor", "targeted", "craft", "train", "eval", "finetune")
 
 
 def _sweep_dir(path: str | Path) -> Path:
@@ -446,6 +446,130 @@ def model_scan_md(df: pd.DataFrame, raws: list[dict], axes: list[str], out: Path
     return lines
 
 
+# (zero-shot ASR, linear-probe ASR) of each attack, and the clean accuracies beside them
+MITIGATION_COLUMNS = {
+    "backdoor": ("backdoor_asr_consistent", "probe_backdoor_asr_consistent"),
+    "targeted": ("targeted_success_rate", "probe_targeted_success_rate"),
+}
+
+
+def mitigation_rows(raws: list[dict]) -> pd.DataFrame:
+    """One row per (victim or mitigated model, seed): ``method`` (clean victim, no defense, robust
+    training, each repair, each filter-and-retrain), its ASRs and clean accuracies."""
+    rows = []
+    for r in raws:
+        if r.get("status") != "ok" or r["attack"] not in MITIGATION_COLUMNS:
+            continue
+        asr, pasr = MITIGATION_COLUMNS[r["attack"]]
+        defense = (r["config"].get("train") or {}).get("defense", "none")
+
+        def row(method: str, m: dict, order: float, **extra) -> dict:
+            return {"method": method, "order": order, "seed": r["seed"], "attack": r["attack"],
+                    "asr": m.get(asr), "probe_asr": m.get(pasr), "accuracy": m.get("zeroshot_accuracy"),
+                    "probe_accuracy": m.get("probe_accuracy"), **extra}
+        if r["clean"]:
+            rows.append(row("clean victim (no poisons)", r["metrics"], 0))
+            continue
+        rows.append(row("no defense" if defense == "none" else f"robust training: {defense}", r["metrics"],
+                        1 if defense == "none" else 3))
+        for rep in (r.get("mitigate") or {}).get("repair", []):
+            tag = " (default)" if rep["lr_default"] else ""
+            rows.append(row(f"repair (CleanCLIP) lr {rep['lr']:g}{tag}", rep["metrics"], 2 if tag else 2 + rep["lr"],
+                            lr=rep["lr"], lr_default=rep["lr_default"]))
+        for f in (r.get("mitigate") or {}).get("filter", []):
+            rows.append(row(f"filter top {f['fraction']:.0%} by {f['detector']}, retrain", f["metrics"], 4,
+                            poisons_removed=f["poisons_removed"], n_poisons=f["n_poisons"]))
+    return pd.DataFrame(rows)
+
+
+def mitigation_md(raws: list[dict], out: Path) -> list[str]:
+    """The mitigations table and the ASR-vs-clean-accuracy figure (``fig-mitigate.png``): per method
+    the mean over seeds [95 % t interval], the seeds where the attack still works (ASR > 0.5)."""
+    t = mitigation_rows(raws)
+    if t.empty or not (t["method"] != "no defense").any() or len(t["method"].unique()) < 3:
+        return []
+    lines = ["## Mitigations: attack success vs clean accuracy", "",
+             "Each poisoned victim (no defense) and what each mitigation made of it, measured like the victim "
+             "(the same eval photos, x' and triggers). Repair: CleanCLIP fine-tuning of the victim on clean pairs "
+             "of X (its default learning rate fixed before any ASR was seen); robust training: a victim of its "
+             "own, trained on the same X ∪ P; filter: the data scan's top-ranked pairs removed and the victim's "
+             "recipe retrained from scratch. Mean over seeds [95 % t interval, clipped to [0, 1]]; `works` = "
+             "seeds with ASR > 0.5. Our victims were pre-trained with the plain CLIP loss (CleanCLIP is reported "
+             "to fail when pre-training used an in-modal loss).", ""]
+    rows = []
+    for (order, method), g in t.groupby(["order", "method"], sort=True):
+        row = {"method": method}
+        for c, name in (("asr", "zero-shot ASR"), ("probe_asr", "linear-probe ASR"),
+                        ("accuracy", "clean zero-shot acc"), ("probe_accuracy", "clean probe acc")):
+            v = g[c].dropna().to_numpy(float)
+            if v.size:
+                row[name] = _interval(v)
+                if "ASR" in name:
+                    row[f"{name.split()[0]} works"] = f"{int((v > 0.5).sum())}/{v.size}"
+        if "poisons_removed" in g and g["poisons_removed"].notna().any():
+            row["poisons removed"] = (f"{g['poisons_removed'].mean():.0f} of {g['n_poisons'].mean():.0f} "
+                                      f"({g['poisons_removed'].sum() / g['n_poisons'].sum():.0%})")
+        rows.append(row)
+    lines += [_md_table(pd.DataFrame(rows).fillna("")), ""]
+    fig = _mitigation_figure(t)
+    import io
+
+    import matplotlib.pyplot as plt
+
+    b = io.BytesIO()
+    fig.savefig(b, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(out / "fig-mitigate.png", b.getvalue())
+    return lines + ["![mitigations](fig-mitigate.png)", ""]
+
+
+def _pareto(points: np.ndarray) -> np.ndarray:
+    """Indices of the (accuracy, ASR) points no other point beats on both (higher accuracy, lower ASR)."""
+    keep = [i for i, (a, s) in enumerate(points)
+            if not any((a2 >= a and s2 <= s) and (a2 > a or s2 < s) for a2, s2 in points)]
+    return np.array(sorted(keep, key=lambda i: points[i][0]), dtype=int)
+
+
+def _mitigation_figure(t: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, 2, figsize=(11, 4.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (acc, asr, what) in zip(axs, (("accuracy", "asr", "zero-shot"), ("probe_accuracy", "probe_asr", "linear probe"))):
+        g = t.dropna(subset=[acc, asr]).groupby(["order", "method"], sort=True)[[acc, asr]]
+        m, sd = g.mean().reset_index(), g.std(ddof=0).fillna(0).reset_index()
+        if m.empty:
+            ax.set_visible(False)
+            continue
+        rep = m["method"].str.startswith("repair")
+        if rep.any():  # the learning-rate sweep as one line, in lr order, each point labelled
+            r = m[rep].sort_values("order")
+            ax.plot(r[acc], r[asr], "-", color="grey", alpha=0.6, lw=1, zorder=1)
+            for _, x in r.iterrows():
+                ax.annotate(x["method"].split(" lr ")[1].replace(" (default)", "*"), (x[acc], x[asr]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for k, (i, x) in enumerate(m.iterrows()):
+            c = "grey" if rep[i] and "default" not in x["method"] else colours[k % len(colours)]
+            ax.errorbar(x[acc], x[asr], xerr=sd.loc[i, acc], yerr=sd.loc[i, asr], fmt="s" if rep[i] else "o",
+                        color=c, ms=6, capsize=2, label=None if rep[i] and "default" not in x["method"] else x["method"])
+        front = _pareto(m[[acc, asr]].to_numpy(float))
+        ax.plot(m[acc].to_numpy()[front], m[asr].to_numpy()[front], ":", color="k", lw=1, label="Pareto front")
+        ax.set_xlabel(f"clean {what} accuracy")
+        ax.set_ylabel(f"{what} attack success")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.set_title(what)
+    axs[0].legend(fontsize=7, loc="best")
+    attack = t["attack"].iloc[0]
+    fig.suptitle(f"{attack}: attack success vs clean accuracy per mitigation (mean ± 1 std over "
+                 f"{t['seed'].nunique()} seeds; grey squares: repair at other learning rates, * = default)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _inverted_triggers_figure(raws: list[dict], out: Path) -> Path | None:
     """Inverted stamps (on mid-grey) per victim, a row per point, beside the true trigger stamped
     on mid-grey at its consistent position."""
@@ -590,6 +714,7 @@ def build_report(sweep_or_results: str | Path | list, out: str | Path | None = N
     md += statistics_md(df, axes, metrics, meta.get("axes"))
     md += detection_md(df, axes, meta.get("axes"), (meta.get("defense") or {}).get("scan_data", {}).get("detectors"))
     md += model_scan_md(df, raws, axes, out)
+    md += mitigation_md(raws, out)
     cols = ["run_id", "seed", "clean"] + axes + ["n_poisons", "poison_rate"] + metrics
     runs = df[[c for c in dict.fromkeys(cols) if c in df.columns]].copy()
     if len(sweeps) == 1:  # a pooled report's results live in their own sweeps' folders

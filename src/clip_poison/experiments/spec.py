@@ -36,8 +36,8 @@ from typing import Any
 
 import yaml
 
-from ..config import (BackdoorConfig, CraftOptions, EvalConfig, RealWorldConfig, TargetedConfig, TrainConfig, WorldConfig,
-                      stable_id, to_dict)
+from ..config import (BackdoorConfig, CraftOptions, EvalConfig, FinetuneConfig, RealWorldConfig, TargetedConfig,
+                      TrainConfig, WorldConfig, stable_id, to_dict)
 from ..io import UserError
 from ..run import SEEDED_SECTIONS, seeded
 
@@ -46,7 +46,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 # ``eval`` is optional (the defaults evaluate the whole eval split; synthetic worlds fit the probe on
 # 2,000 freshly rendered images, real worlds fit one only when ``probe_n`` asks for train-split photos).
 SECTIONS = {"world": WorldConfig, "real_world": RealWorldConfig, "backdoor": BackdoorConfig,
-            "targeted": TargetedConfig, "train": TrainConfig, "eval": EvalConfig, "craft": CraftOptions}
+            "targeted": TargetedConfig, "train": TrainConfig, "eval": EvalConfig, "craft": CraftOptions,
+            "finetune": FinetuneConfig}
 ATTACKS = ("backdoor", "targeted")
 # Sections that change only the poisons: a clean control drops their axes (``craft``: how P is
 # written and disguised, e.g. the adaptive attacker's caption substitution).
@@ -217,24 +218,49 @@ def resolve_defense(d: dict, where: str) -> dict:
     """``defense:`` with every field of its scans filled in (``ScanDataConfig``, ``ModelScanConfig``),
     so a run's config (and id) says exactly what was scanned and how. The model scan's seed is the
     run's (one seed per run), so a spec may not set it."""
-    from ..config import ModelScanConfig, ScanDataConfig
+    from ..config import FilterConfig, ModelScanConfig, RepairRunConfig, ScanDataConfig
     from ..defenses.detectors import DETECTORS
+    from ..defenses.scan_data import DENSITY
 
-    kinds = {"scan_data": ScanDataConfig, "scan_model": ModelScanConfig}
+    kinds = {"scan_data": ScanDataConfig, "scan_model": ModelScanConfig, "filter": FilterConfig}
     out = {}
     for name, vals in d.items():
-        if name not in kinds or not isinstance(vals, dict):
-            raise UserError(f"{where}: defense.{name} is not a scan; use {sorted(kinds)}, each a mapping of its settings")
+        if name not in (*kinds, "repair") or not isinstance(vals, dict):
+            raise UserError(f"{where}: defense.{name} is not a defense; use {sorted((*kinds, 'repair'))}, each a "
+                            "mapping of its settings")
         if "seed" in vals:
             raise UserError(f"{where}: defense.{name}.seed is set from the run's seed; list seeds under `seeds:` instead")
+        if name == "repair":  # RepairRunConfig (what and at which lrs) + RepairConfig's recipe (less lr, seed)
+            from ..config import RepairConfig
+            if "lr" in vals:
+                raise UserError(f"{where}: defense.repair takes `lrs:` (a list; null = the default), not lr")
+            own = {f.name for f in dataclasses.fields(RepairRunConfig)}
+            try:
+                out[name] = {**to_dict(RepairRunConfig(**{k: v for k, v in vals.items() if k in own})),
+                             **{k: v for k, v in to_dict(RepairConfig(**{k: v for k, v in vals.items() if k not in own})).items()
+                                if k not in ("lr", "seed")}}
+            except TypeError as e:
+                raise UserError(f"{where}: bad defense.repair ({e}); its fields are "
+                                f"{sorted(own | {f.name for f in dataclasses.fields(RepairConfig)} - {'lr', 'seed'})}") from None
+            continue
         try:
             out[name] = {k: v for k, v in to_dict(kinds[name](**vals)).items() if k != "seed"}
         except TypeError as e:
             raise UserError(f"{where}: bad defense.{name} ({e}); its fields are "
                             f"{sorted(f.name for f in dataclasses.fields(kinds[name]))}") from None
-    bad = [x for x in (out.get("scan_data") or {}).get("detectors", []) if x not in DETECTORS]
+    scanned = (out.get("scan_data") or {}).get("detectors", [])
+    bad = [x for x in scanned if x not in DETECTORS]
     if bad:
         raise UserError(f"{where}: unknown detectors {bad} in defense.scan_data; available: {sorted(DETECTORS)}")
+    if "filter" in out:
+        cols = scanned + [f"{x}+ref" for x in scanned if x in DENSITY]
+        missing = [x for x in out["filter"]["detectors"] if x not in cols]
+        if missing:
+            raise UserError(f"{where}: defense.filter ranks pairs by the data scan's columns; {missing} "
+                            f"{'is' if len(missing) == 1 else 'are'} not among them ({cols or 'no defense.scan_data'}); "
+                            "add the detector to defense.scan_data.detectors")
+        if not 0 < out["filter"]["fraction"] < 1:
+            raise UserError(f"{where}: defense.filter.fraction must be between 0 and 1")
     return out
 
 
@@ -244,9 +270,9 @@ def _resolve(spec: SweepSpec, point: dict[str, Any], seed: int, attack: str) -> 
     world = "real_world" if "real_world" in spec.base else "world"
     sections = [world, attack, "train"] if attack != "none" else [world, "train"]
     # eval only when the spec sets it, so the ids of specs without it stay what they were.
-    for opt in ("eval", "craft"):
+    for opt in ("eval", "craft", "finetune"):
         if opt in spec.base or any(k.startswith(f"{opt}.") for k in spec.axes):
-            sections += [opt] if opt == "eval" or attack != "none" else []
+            sections += [opt] if opt != "craft" or attack != "none" else []
     for sec in sections:
         vals = dict(spec.base.get(sec, {}))
         vals.update({k.split(".", 1)[1]: v for k, v in point.items() if k.split(".")[0] == sec})
