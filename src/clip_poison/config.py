@@ -204,6 +204,29 @@ class ModelScanConfig:
     lr: float = 0.1  # Adam on the mask and pattern logits (DECREE: betas 0.5, 0.9)
 
 
+# CleanCLIP fine-tunes at 1e-5 a model pre-trained at 5e-4 (its README and parser defaults): a
+# repair's default lr is the checkpoint's own lr divided by this.
+REPAIR_LR_DIVISOR = 50
+
+
+@dataclass
+class RepairConfig:
+    """CleanCLIP's repair (Bansal et al., ICCV 2023, ``defenses/repair.py``): fine-tune a checkpoint on
+    clean pairs with clip_weight · CLIP loss + inmodal_weight · in-modal loss. Defaults: CleanCLIP's
+    README fine-tune recipe (``--batch_size 64 --epochs 10 --num_warmup_steps 50 --lr 1e-5 --inmodal``)."""
+
+    # None = the checkpoint's own lr (its train.json recipe.lr) / REPAIR_LR_DIVISOR (CleanCLIP: 1e-5 after
+    # 5e-4). A tiny victim pre-trained at 2e-3 thus repairs at 4e-5.
+    lr: float | None = None
+    epochs: int = 10  # CleanCLIP README: --epochs 10
+    batch_size: int = 64  # CleanCLIP README: --batch_size 64
+    warmup: int = 50  # CleanCLIP README: --num_warmup_steps 50
+    wd: float = 0.1  # CleanCLIP src/parser.py: --weight_decay default 0.1
+    clip_weight: float = 1.0  # CleanCLIP src/parser.py: --clip_weight default 1
+    inmodal_weight: float = 1.0  # CleanCLIP src/parser.py: --inmodal_weight default 1
+    seed: int = SEED
+
+
 @dataclass
 class FinetuneConfig:
     """The fine-tuning threat model (BadCLIP, CleanCLIP): the poisons arrive while a pretrained model
