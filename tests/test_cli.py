@@ -50,7 +50,7 @@ def test_existing_output_is_not_overwritten(bad_input, tiny_world, tmp_path):
     assert (tmp_path / "p" / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("cmd", ["demo", "world", "poison", "train", "evaluate", "scan", "list"])
+@pytest.mark.parametrize("cmd", ["demo", "world", "poison", "train", "evaluate", "scan", "repair", "list"])
 def test_every_command_has_help_with_an_example(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

@@ -11,14 +11,15 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from .config import (CAPTION_KEY, FIG3_MAX_PAIRS, IMG_KEY, MAX_TARGETED_POISONS, PROBE_N, SEED, BackdoorConfig,
-                     CraftOptions, DemoConfig, ModelScanConfig, RealWorldConfig, ScanDataConfig, TargetedConfig,
-                     TextConfig, TrainConfig, WorldConfig)
+from .config import (CAPTION_KEY, FIG3_MAX_PAIRS, IMG_KEY, MAX_TARGETED_POISONS, PROBE_N, REPAIR_LR_DIVISOR, SEED,
+                     BackdoorConfig, CraftOptions, DemoConfig, ModelScanConfig, RealWorldConfig, RepairConfig, ScanDataConfig,
+                     TargetedConfig, TextConfig, TrainConfig, WorldConfig)
 from .attacks.triggers import BLEND_ALPHA, SIG_DELTA, SIG_FREQUENCY, trigger_names
 from .io import UserError, atomic_write_json, check_out
 
 D_W, D_T, D_B, D_R = WorldConfig(), TargetedConfig(), BackdoorConfig(), TrainConfig()
 D_X, D_RW, D_S, D_SD = TextConfig(), RealWorldConfig(), ModelScanConfig(), ScanDataConfig()
+D_RP = RepairConfig()
 CAPTION_FIELDS = ("p_class_word", "p_synonym", "p_noisy_pair", "p_context", "p_distractor")
 
 
@@ -252,6 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="new folder for scan.json, trigger.png and mask.png")
     m.add_argument("--overwrite", action="store_true")
 
+    p = _sub(subs, "repair", "defenses: repair a poisoned checkpoint with CleanCLIP (Bansal et al., ICCV 2023): "
+             "fine-tune it on clean pairs with CLIP loss + in-modal loss (each image and caption against its own "
+             "augmented view); writes a new checkpoint, the input is only read",
+             "clip-poison repair --checkpoint runs/victim_bd --data runs/clean/train.csv --out runs/victim_bd_repaired")
+    p.add_argument("--checkpoint", required=True, help="local-dir checkpoint to repair (only read)")
+    p.add_argument("--data", required=True, help="clean fine-tuning pairs: OpenCLIP CSV (filepath,title); only read")
+    _add_outside_arg(p)
+    p.add_argument("--out", required=True, help="new checkpoint folder")
+    p.add_argument("--lr", type=POS_FLOAT, default=None, help=f"peak learning rate; unset = 1/{REPAIR_LR_DIVISOR} of the checkpoint's "
+                   "recorded lr (CleanCLIP: 1e-5 after 5e-4)")
+    p.add_argument("--epochs", type=POS_INT, default=D_RP.epochs, help="epochs (CleanCLIP: 10)")
+    p.add_argument("--batch-size", type=POS_INT, default=D_RP.batch_size, help="batch size (CleanCLIP: 64)")
+    p.add_argument("--warmup", type=NONNEG_INT, default=D_RP.warmup, help="warmup steps (CleanCLIP: 50)")
+    p.add_argument("--wd", type=NONNEG_FLOAT, default=D_RP.wd, help="weight decay (CleanCLIP: 0.1)")
+    p.add_argument("--clip-weight", type=NONNEG_FLOAT, default=D_RP.clip_weight, help="weight of the CLIP loss (λ1)")
+    p.add_argument("--inmodal-weight", type=NONNEG_FLOAT, default=D_RP.inmodal_weight,
+                   help="weight of the in-modal loss (λ2)")
+    p.add_argument("--model", default=None, help="the checkpoint's architecture; unset = its train.json's "
+                   "recipe.model")
+    p.add_argument("--seed", type=int, default=D_RP.seed)
+    p.add_argument("--overwrite", action="store_true")
+
     p = _sub(subs, "sweep", "run a declarative, resumable sweep (a YAML spec or a preset) of poisoned and clean "
              "victims; finished runs in OUT/results are skipped",
              "clip-poison sweep fig4-placement --size quick --out runs/sweeps/fig4-quick")
@@ -473,6 +496,25 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_repair(a) -> int:
+    from .defenses.repair import repair
+
+    tasks: list = []
+
+    def progress(done: int, total: int) -> None:
+        tasks or tasks.append(prog.add_task("repairing (CleanCLIP)", total=total))
+        prog.update(tasks[0], completed=done, total=total)
+
+    cfg = RepairConfig(lr=a.lr, epochs=a.epochs, batch_size=a.batch_size, warmup=a.warmup, wd=a.wd,
+                       clip_weight=a.clip_weight, inmodal_weight=a.inmodal_weight, seed=a.seed)
+    with _progress() as prog:
+        info = repair(a.checkpoint, a.data, cfg, a.out, overwrite=a.overwrite, progress=progress, model=a.model)
+    o = info["objective"]
+    print(f"wrote repaired checkpoint {a.out} ({a.checkpoint} fine-tuned on {info['data']['n_clean']} clean pairs, "
+          f"{info['seconds']:.0f} s) at lr {o['settings']['lr']:g} ({o['lr_rule']})")
+    return 0
+
+
 def cmd_evaluate(a) -> int:
     from rich.console import Console
 
@@ -642,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handlers = {"demo": cmd_demo, "world": cmd_world, "poison": cmd_poison, "train": cmd_train,
-                "evaluate": cmd_evaluate, "list": cmd_list, "scan": cmd_scan,
+                "evaluate": cmd_evaluate, "list": cmd_list, "scan": cmd_scan, "repair": cmd_repair,
                 "sweep": cmd_sweep, "report": cmd_report}
     from .data.csvdata import ALLOW_OUTSIDE_PATHS
 
