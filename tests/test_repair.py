@@ -163,7 +163,7 @@ def test_repair_moves_the_weights_from_the_input_and_never_touches_it(victim, re
 def test_default_lr_is_a_fiftieth_of_the_checkpoints_and_recorded(victim, repaired):
     _, info, _ = repaired
     trained = json.loads((victim / "train.json").read_text())["recipe"]["lr"]
-    assert info["recipe"]["lr"] == pytest.approx(trained / REPAIR_LR_DIVISOR) == info["objective"]["settings"]["lr"]
+    assert info["recipe"]["lr"] == pytest.approx(trained / REPAIR_LR_DIVISOR) == info["objective"]["lr"]
     assert f"1/{REPAIR_LR_DIVISOR} of the checkpoint's lr {trained:g}" in info["objective"]["lr_rule"]
     assert info["recipe"]["init"] == str(victim) and info["recipe"]["epochs"] == SMALL.epochs
 

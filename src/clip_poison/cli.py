@@ -511,7 +511,7 @@ def cmd_repair(a) -> int:
         info = repair(a.checkpoint, a.data, cfg, a.out, overwrite=a.overwrite, progress=progress, model=a.model)
     o = info["objective"]
     print(f"wrote repaired checkpoint {a.out} ({a.checkpoint} fine-tuned on {info['data']['n_clean']} clean pairs, "
-          f"{info['seconds']:.0f} s) at lr {o['settings']['lr']:g} ({o['lr_rule']})")
+          f"{info['seconds']:.0f} s) at lr {o['lr']:g} ({o['lr_rule']})")
     return 0
 
 

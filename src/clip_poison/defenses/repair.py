@@ -59,7 +59,7 @@ class CleanCLIPObjective(Objective):
     def info(self) -> dict:
         return {"name": self.name, "method": "CleanCLIP (Bansal et al., ICCV 2023): clip_weight * CLIP loss + "
                 "inmodal_weight * in-modal InfoNCE, originals and augmented views in one forward of 2B",
-                "settings": asdict(self.cfg), "lr_rule": self.lr_rule,
+                **asdict(self.cfg), "lr_rule": self.lr_rule,
                 "image_augmentation": "torchvision AutoAugment (ImageNet policy), a fresh draw per image and step",
                 "text_augmentation": {"method": "EDA (Wei & Zou 2019), one view per caption drawn before training",
                                       "ops": list(EDA_OPS), "alpha": EDA_ALPHA}}
