@@ -154,6 +154,8 @@ class TrainConfig:
     # Start from this checkpoint instead of from scratch (a fine-tune): a local-dir checkpoint folder
     # or an open_clip weights file of the same architecture and input size. None = from scratch.
     init: str | None = late(None)
+    # robust training: none | safeclip (fast backend; defenses/robust.py)
+    defense: str = late("none")
 
 
 @dataclass
