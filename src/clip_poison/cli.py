@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "detector); fast backend only; training is unchanged")
     p.add_argument("--init", metavar="CKPT", help="fine-tune this checkpoint instead of training from scratch: a "
                    "local-dir folder from `clip-poison train` or an open_clip weights file of the same --model")
+    p.add_argument("--defense", choices=["none", "safeclip"], default=D_R.defense,
+                   help="robust training (fast backend): safeclip = SafeCLIP (Yang et al., ICML 2024, 'Better Safe "
+                        "than Sorry'): in-modal warm-up, then each epoch a GMM on image-caption cosines splits the "
+                        "pairs into safe (CLIP loss) and risky (in-modal loss); needs --epochs >= 7")
     p.add_argument("--seed", type=int, default=D_R.seed)
     p.add_argument("--out", required=True, help="new checkpoint folder")
     p.add_argument("--overwrite", action="store_true")
@@ -478,6 +482,7 @@ def cmd_poison(a) -> int:
 
 
 def cmd_train(a) -> int:
+    from .defenses.robust import objective_for
     from .victims.train import train_victim
 
     tasks: list = []
@@ -488,11 +493,14 @@ def cmd_train(a) -> int:
         prog.update(tasks[0], completed=done, total=total)
 
     with _progress() as prog:
-        cfg = replace(_train_cfg(a, a.seed), record_pair_loss=a.record_pair_loss, init=a.init)
-        info = train_victim(a.data, a.poisons, cfg, a.out, overwrite=a.overwrite,
-                            progress=progress, allow_shared_label=a.allow_shared_label)
+        cfg = replace(_train_cfg(a, a.seed), record_pair_loss=a.record_pair_loss, init=a.init, defense=a.defense)
+        info = train_victim(a.data, a.poisons, cfg, a.out, overwrite=a.overwrite, progress=progress,
+                            allow_shared_label=a.allow_shared_label, objective=objective_for(cfg))
+    split = info.get("objective", {}).get("split")
+    defended = f", {cfg.defense}: {split[-1]['n_safe']} pairs safe in the last epoch" if split else ""
     print(f"wrote checkpoint {a.out} ({'fine-tuned from ' + a.init + ' on ' if a.init else ''}"
-          f"{info['data']['n_clean']} clean + {info['data']['n_poisons']} poison pairs, {info['seconds']:.0f} s); load it with open_clip.create_model_and_transforms('local-dir:{a.out}')")
+          f"{info['data']['n_clean']} clean + {info['data']['n_poisons']} poison pairs{defended}, {info['seconds']:.0f} s); "
+          f"load it with open_clip.create_model_and_transforms('local-dir:{a.out}')")
     return 0
 
 

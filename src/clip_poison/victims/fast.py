@@ -105,6 +105,10 @@ class Objective:
     def begin_epoch(self, epoch: int) -> None:
         """Called before each epoch's first step (e.g. to re-split pairs with the current model)."""
 
+    def lr_scale(self, epoch: int) -> float:
+        """Factor on the scheduled learning rate during this epoch (a phase trained at a lower rate)."""
+        return 1.0
+
     def loss(self, imgs: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
         raise NotImplementedError
 
@@ -239,11 +243,16 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     losses = []
     for epoch in range(cfg.epochs):
         order = epoch_order(n, n_clean, cfg.seed, epoch)
+        lr_scale = 1.0
         if objective is not None:
             objective.begin_epoch(epoch)
             model.train()
+            lr_scale = objective.lr_scale(epoch)
         for i in range(steps_per_epoch):
             scheduler(epoch * steps_per_epoch + i)
+            if lr_scale != 1.0:  # the scheduler sets every group's lr afresh each step, so this never compounds
+                for group in optimizer.param_groups:
+                    group["lr"] *= lr_scale
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             imgs = pixels[idx]
             if crop is not None:
