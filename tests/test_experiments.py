@@ -114,7 +114,7 @@ def test_targets_of_one_victim_have_distinct_labels():
     ({"attack": "evasion"}, "attack 'evasion' unknown"),
     ({"seeds": [0, 0]}, "repeat"),
     ({"colour": 1}, "unknown keys"),
-    ({"defense": {"scan_weights": {}}}, "not a scan"),
+    ({"defense": {"scan_weights": {}}}, "not a defense"),
     ({"defense": {"scan_data": {"detectors": ["telepathy"]}}}, "unknown detectors"),
     ({"defense": {"scan_data": {"kk": 3}}}, "bad defense.scan_data"),
     ({"defense": {"scan_model": {"seed": 3}}}, "set from the run's seed"),

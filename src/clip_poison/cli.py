@@ -11,7 +11,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from .config import (CAPTION_KEY, FIG3_MAX_PAIRS, IMG_KEY, MAX_TARGETED_POISONS, PROBE_N, REPAIR_LR_DIVISOR, SEED,
+from .config import (CAPTION_KEY, FIG3_MAX_PAIRS, FilterConfig, IMG_KEY, MAX_TARGETED_POISONS, PROBE_N, REPAIR_LR_DIVISOR, SEED,
                      BackdoorConfig, CraftOptions, DemoConfig, ModelScanConfig, RealWorldConfig, RepairConfig, ScanDataConfig,
                      TargetedConfig, TextConfig, TrainConfig, WorldConfig)
 from .attacks.triggers import BLEND_ALPHA, SIG_DELTA, SIG_FREQUENCY, trigger_names
@@ -256,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=D_S.seed)
     m.add_argument("--out", required=True, help="new folder for scan.json, trigger.png and mask.png")
     m.add_argument("--overwrite", action="store_true")
+
+    f = _sub(ssubs, "filter", "the scanned pairs less one detector's most suspicious fraction, as an OpenCLIP CSV "
+             "to retrain on (filter-and-retrain); needs a `scan data` folder of CSV data",
+             "clip-poison scan filter --scan runs/scan --detector clip-score --fraction 0.1 --out runs/kept.csv")
+    f.add_argument("--scan", dest="scan_dir", required=True, help="folder written by `clip-poison scan data` (only read)")
+    f.add_argument("--detector", required=True, help="the scan's column to rank by (e.g. clip-score, dao+ref)")
+    f.add_argument("--fraction", type=POS_FLOAT, default=FilterConfig.fraction,
+                   help="share of the pairs to remove (the defender does not know |P|)")
+    f.add_argument("--out", required=True, help="new CSV of the kept pairs (absolute image paths)")
+    f.add_argument("--overwrite", action="store_true")
 
     p = _sub(subs, "repair", "defenses: repair a poisoned checkpoint with CleanCLIP (Bansal et al., ICCV 2023): "
              "fine-tune it on clean pairs with CLIP loss + in-modal loss (each image and caption against its own "
@@ -636,6 +646,13 @@ def cmd_scan(a) -> int:
 
     if a.scan == "model":
         return cmd_scan_model(a)
+    if a.scan == "filter":
+        from .defenses.scan_data import filter_scan
+        r = filter_scan(a.scan_dir, a.detector, a.fraction, a.out, a.overwrite)
+        Console().print(f"wrote {a.out}: {r['n_kept']} of {r['n_rows']} pairs, without the {r['n_removed']} "
+                        f"{a.detector} ranks most suspicious (removed per source: {r['removed_by_source']}); "
+                        f"retrain with `clip-poison train --data {a.out} ...`")
+        return 0
     detectors = check_detectors([d.strip() for d in a.detectors.split(",") if d.strip()])
     tasks: list = []
 

@@ -209,6 +209,7 @@ def mitigate(cfg: dict, tcfg: TrainConfig, train_csv: Path, train_dirs: list[Pat
     from .config import RepairConfig
     from .data.csvdata import write_csv_rows
     from .defenses.repair import repair
+    from .defenses.scan_data import top_fraction
     from .victims.openclip_train import training_rows
     from .victims.train import train_victim
 
@@ -230,9 +231,8 @@ def mitigate(cfg: dict, tcfg: TrainConfig, train_csv: Path, train_dirs: list[Pat
         out["filter"] = []
         for det in d["filter"]["detectors"]:
             sc = scores[det]
-            n_drop = int(round(d["filter"]["fraction"] * len(sc)))
-            drop = np.argsort(-sc, kind="stable")[:n_drop]  # ties: the earlier row first
-            keep = np.setdiff1d(np.arange(len(sc)), drop)
+            drop = top_fraction(sc, d["filter"]["fraction"])
+            keep, n_drop = np.setdiff1d(np.arange(len(sc)), drop), len(drop)
             say(f"defenses: retraining without the {n_drop} pairs {det} ranks most suspicious")
             t0 = time.time()
             csv = work / f"filter-{det}.csv"

@@ -316,5 +316,55 @@ def scan_data(data, checkpoint, out, poison_dirs=(), detectors=DEFAULT_DETECTORS
     return metrics
 
 
-__all__ = ["ScannedSet", "scan_run", "embed_training_set", "check_detectors", "run_detectors", "detection_table",
+def top_fraction(scores, fraction: float) -> np.ndarray:
+    """The rows a filter drops: the round(fraction·N) highest scores, ties in row order (stable)."""
+    sc = np.asarray(scores, dtype=np.float64)
+    if not 0 < fraction < 1:
+        raise UserError(f"the fraction to filter must be between 0 and 1, got {fraction}")
+    return np.sort(np.argsort(-sc, kind="stable")[:int(round(fraction * len(sc)))])
+
+
+def filter_scan(scan_dir, detector: str, fraction: float, out, overwrite: bool = False) -> dict:
+    """``clip-poison scan filter``: the scanned pairs less ``detector``'s top ``fraction``, written as an
+    OpenCLIP CSV (absolute image paths) to train on. The scan's files are checked first: every kept
+    row must name an existing image file (a CSV scan's refs are paths; a webdataset scan's are
+    ``shard:key`` and cannot be written back as a CSV). Returns what was removed, per source."""
+    import pandas as pd
+    from ..data.csvdata import write_csv_rows
+    from ..io import check_out
+
+    scan_dir = Path(scan_dir)
+    for f in ("scores.parquet", "pairs.parquet", "metrics.json"):
+        if not (scan_dir / f).is_file():
+            raise UserError(f"{scan_dir} has no {f}; pass a folder written by `clip-poison scan data`")
+    check_out(out, [scan_dir], overwrite, file=True)
+    try:
+        scores, pairs = pd.read_parquet(scan_dir / "scores.parquet"), pd.read_parquet(scan_dir / "pairs.parquet")
+        sc = scores[scores["detector"] == detector].sort_values("row")
+        have = sorted(scores["detector"].unique())
+        rows, refs, caps = pairs["row"].to_numpy(), pairs["ref"].astype(str).tolist(), pairs["caption"].astype(str).tolist()
+    except (KeyError, ValueError, OSError) as e:
+        raise UserError(f"{scan_dir}'s parquet files are damaged ({type(e).__name__}); run `clip-poison scan data` "
+                        "again") from None
+    if sc.empty:
+        raise UserError(f"{scan_dir} holds no scores of {detector!r}; it has {have}")
+    if not (np.array_equal(rows, np.arange(len(pairs))) and np.array_equal(sc["row"].to_numpy(), rows)):
+        raise UserError(f"{scan_dir}: scores.parquet and pairs.parquet do not cover the same rows; run "
+                        "`clip-poison scan data` again")
+    if read_json(scan_dir / "metrics.json", what="scan metrics").get("data", {}).get("kind") != "csv":
+        raise UserError(f"{scan_dir} is a scan of webdataset shards, whose rows are shard:key, not image paths; "
+                        "filter-and-retrain needs a scan of CSV data")
+    drop = top_fraction(sc["score"].to_numpy(), fraction)
+    keep = np.setdiff1d(np.arange(len(pairs)), drop)
+    missing = [refs[i] for i in keep if not Path(refs[i]).is_absolute() or not Path(refs[i]).is_file()]
+    if missing:
+        raise UserError(f"{scan_dir} names {len(missing)} image(s) that are not existing absolute paths (first: "
+                        f"{missing[0]!r}); the scan's images moved or its pairs.parquet was edited; scan again")
+    write_csv_rows(out, [refs[i] for i in keep], [caps[i] for i in keep])
+    removed = pairs.iloc[drop]["source"].value_counts().to_dict()
+    return {"detector": detector, "fraction": fraction, "n_rows": len(pairs), "n_removed": len(drop),
+            "n_kept": len(keep), "removed_by_source": {str(k): int(v) for k, v in removed.items()}}
+
+
+__all__ = ["ScannedSet", "scan_run", "top_fraction", "filter_scan", "embed_training_set", "check_detectors", "run_detectors", "detection_table",
            "scan_data", "DEFAULT_DETECTORS"]
