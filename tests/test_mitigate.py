@@ -133,3 +133,19 @@ def test_report_tables_each_mitigation_with_its_seed(mitigated, tmp_path):
     r = build_report(sweep, tmp_path / "rep")
     md = r["report_md"].read_text()
     assert "## Mitigations" in md and (tmp_path / "rep" / "fig-mitigate.png").is_file()
+
+
+def test_robust_presets_train_on_the_mitigate_presets_poisons():
+    """SafeCLIP victims are compared with the mitigate presets' victims: same world, attack and seeds;
+    only the recipe's epochs (its warm-up) and the defense differ."""
+    from clip_poison.experiments.spec import load_spec
+
+    for attack in ("backdoor", "targeted"):
+        mit, rob = (expand(load_spec(f"cifar10-{k}-{attack}", "quick")) for k in ("mitigate", "robust"))
+        mit = {r["config"]["seed"]: r["config"] for r in mit if not r["clean"]}
+        for r in rob:
+            c, m = r["config"], mit[r["config"]["seed"]]
+            assert c["real_world"] == m["real_world"] and c[attack] == m[attack] and c["eval"] == m["eval"]
+            assert c.get("n_targets") == m.get("n_targets")
+            diff = {k for k in c["train"] if c["train"][k] != m["train"].get(k)}
+            assert diff == {"epochs", "defense"} and c["train"]["epochs"] == m["train"]["epochs"] + 6
