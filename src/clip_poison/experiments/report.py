@@ -536,8 +536,18 @@ def _mitigation_figure(t: pd.DataFrame):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axs = plt.subplots(1, 2, figsize=(11, 4.4))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axs = plt.subplots(1, 2, figsize=(11, 5.2))
+    colours = iter(["tab:green", "tab:olive", "tab:blue", "tab:cyan", "tab:purple", "tab:brown", "tab:pink"])
+    style: dict = {}  # one colour and marker per method, the same in both panels
+
+    def look(method: str) -> tuple[str, str]:
+        if method not in style:
+            style[method] = (("k", "*") if method.startswith("clean victim") else ("tab:red", "X") if method == "no defense"
+                             else ("grey", "s") if method.startswith("repair") and "default" not in method
+                             else (next(colours, "tab:gray"), "s" if method.startswith("repair") else
+                                   "D" if method.startswith("robust") else "^"))
+        return style[method]
+
     for ax, (acc, asr, what) in zip(axs, (("accuracy", "asr", "zero-shot"), ("probe_accuracy", "probe_asr", "linear probe"))):
         g = t.dropna(subset=[acc, asr]).groupby(["order", "method"], sort=True)[[acc, asr]]
         m, sd = g.mean().reset_index(), g.std(ddof=0).fillna(0).reset_index()
@@ -550,23 +560,32 @@ def _mitigation_figure(t: pd.DataFrame):
             ax.plot(r[acc], r[asr], "-", color="grey", alpha=0.6, lw=1, zorder=1)
             for _, x in r.iterrows():
                 ax.annotate(x["method"].split(" lr ")[1].replace(" (default)", "*"), (x[acc], x[asr]),
-                            fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for k, (i, x) in enumerate(m.iterrows()):
-            c = "grey" if rep[i] and "default" not in x["method"] else colours[k % len(colours)]
-            ax.errorbar(x[acc], x[asr], xerr=sd.loc[i, acc], yerr=sd.loc[i, asr], fmt="s" if rep[i] else "o",
-                        color=c, ms=6, capsize=2, label=None if rep[i] and "default" not in x["method"] else x["method"])
-        front = _pareto(m[[acc, asr]].to_numpy(float))
-        ax.plot(m[acc].to_numpy()[front], m[asr].to_numpy()[front], ":", color="k", lw=1, label="Pareto front")
+                            fontsize=7, xytext=(4, -9), textcoords="offset points")
+        grey_labelled = False
+        for i, x in m.iterrows():
+            c, mk = look(x["method"])
+            label = x["method"] if ax is axs[0] else None
+            if c == "grey":  # one legend entry for the swept learning rates (each point is labelled)
+                label, grey_labelled = (None if grey_labelled or label is None else
+                                        "repair (CleanCLIP), other learning rates"), True
+            ax.errorbar(x[acc], x[asr], xerr=sd.loc[i, acc], yerr=sd.loc[i, asr], fmt=mk, color=c, ms=8 if mk == "*" else 6,
+                        capsize=2, elinewidth=0.8, alpha=0.9, label=label)
+        # the trade-off a defender can pick from: the victim and its mitigations (not the clean reference)
+        d = m[~m["method"].str.startswith("clean victim")]
+        front = _pareto(d[[acc, asr]].to_numpy(float))
+        ax.plot(d[acc].to_numpy()[front], d[asr].to_numpy()[front], ":", color="k", lw=1,
+                label="Pareto front (mitigations)" if ax is axs[0] else None)
         ax.set_xlabel(f"clean {what} accuracy")
         ax.set_ylabel(f"{what} attack success")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
         ax.set_title(what)
-    axs[0].legend(fontsize=7, loc="best")
+    fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
     attack = t["attack"].iloc[0]
     fig.suptitle(f"{attack}: attack success vs clean accuracy per mitigation (mean ± 1 std over "
-                 f"{t['seed'].nunique()} seeds; grey squares: repair at other learning rates, * = default)", fontsize=9)
-    fig.tight_layout()
+                 f"{t['seed'].nunique()} seeds)\ngrey squares: CleanCLIP repair across learning rates (* = the default); "
+                 "star: clean victim, no poisons", fontsize=9)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     return fig
 
 
