@@ -20,27 +20,15 @@ docs/results/defenses/mitigate/bench-defense-cost.{json,md}. Run it alone (2 cor
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
 
-from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
+from cli_timing import ROOT, cifar_backdoor_world, timed, write_cost_table
 
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10-wds"
 OUT = ROOT / "docs" / "results" / "defenses" / "mitigate"
-CLI = [sys.executable, "-m", "clip_poison.cli"]
 
-
-def timed(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(CLI + argv, check=True, capture_output=True)
-    return time.perf_counter() - t0
 
 
 def main() -> int:
@@ -52,10 +40,7 @@ def main() -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        subprocess.run(CLI + ["world", "cifar10", "--root", str(CIFAR), "--n-train", str(a.n_train), "--out",
-                              str(t / "w")], check=True, capture_output=True)
-        subprocess.run(CLI + ["poison", "backdoor", "--data", str(t / "w" / "train.csv"), "--label", "cat",
-                              "--n-poisons", "600", "--out", str(t / "p")], check=True, capture_output=True)
+        cifar_backdoor_world(t, a.n_train, 600)
         x = pd.read_csv(t / "w" / "train.csv")
         # the defender's clean pairs: a seeded 1,000 of X, beside train.csv so its relative paths hold
         x.sample(1000, random_state=0).to_csv(t / "w" / "repair.csv", index=False)
@@ -75,26 +60,10 @@ def main() -> int:
             row["filter + retrain"] = row["scan data (clip-score)"] + row["scan filter"] + row["retrain"]
             runs.append(row)
             print(f"repeat {r}: " + ", ".join(f"{k} {v_:.1f} s" for k, v_ in row.items()), flush=True)
-    keys = list(runs[0])
-    med = {k: statistics.median(x[k] for x in runs) for k in keys}
-    rng = {k: [min(x[k] for x in runs), max(x[k] for x in runs)] for k in keys}
-    ratio = {k: [x[k] / x["train"] for x in runs] for k in keys}
-    lines = ["# Mitigation cost beside training the victim (end to end, fresh processes)", "",
-             f"{a.n_train:,} CIFAR-10 photos + 600 backdoor poisons, rn-tiny-32 laptop recipe (4 epochs), "
-             f"{a.repeats} repeats (each a new victim), 2 cores, nothing else running. "
-             "`python benchmarks/bench_defense_cost.py`.", "",
-             "| step | median s | range s | × training the victim (median, range) |", "|---|---|---|---|"]
-    for k in keys:
-        f = "1 (baseline)" if k == "train" else \
-            f"{statistics.median(ratio[k]):.2f} ({min(ratio[k]):.2f}-{max(ratio[k]):.2f})"
-        lines.append(f"| {k} | {med[k]:.1f} | {rng[k][0]:.1f}-{rng[k][1]:.1f} | {f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    a.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(a.out / "bench-defense-cost.json", {"runs": runs, "median_s": med, "range_s": rng,
-                                                          "ratio_to_training": ratio, "n_train": a.n_train,
-                                                          "repeats": a.repeats, "versions": package_versions()})
-    atomic_write_bytes(a.out / "bench-defense-cost.md", text.encode())
+    print(write_cost_table(a.out, "bench-defense-cost", "Mitigation cost beside training the victim (end to end, fresh processes)",
+                           f"{a.n_train:,} CIFAR-10 photos + 600 backdoor poisons, rn-tiny-32 laptop recipe (4 epochs), "
+                           f"{a.repeats} repeats (each a new victim), 2 cores, nothing else running. "
+                           "`python benchmarks/bench_defense_cost.py`.", runs, n_train=a.n_train))
     return 0
 
 

@@ -15,26 +15,14 @@ Run it alone (2 cores): ``python benchmarks/bench_scan_cost.py [--repeats 3]`` f
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
+from cli_timing import CIFAR, ROOT, cifar_backdoor_world, timed, write_cost_table
 
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10-wds"
 OUT = ROOT / "docs" / "results" / "defenses"
-CLI = [sys.executable, "-m", "clip_poison.cli"]
 DETECTORS = "near-duplicate,k-dist,slof,dao,clip-score,loss-dynamics"
 
-
-def timed(argv: list[str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(CLI + argv, check=True, capture_output=True)
-    return time.perf_counter() - t0
 
 
 def main() -> int:
@@ -46,10 +34,7 @@ def main() -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        subprocess.run(CLI + ["world", "cifar10", "--root", str(CIFAR), "--n-train", str(a.n_train), "--out",
-                              str(t / "w")], check=True, capture_output=True)
-        subprocess.run(CLI + ["poison", "backdoor", "--data", str(t / "w" / "train.csv"), "--label", "cat",
-                              "--n-poisons", "300", "--out", str(t / "p")], check=True, capture_output=True)
+        cifar_backdoor_world(t, a.n_train, 300)
         data = ["--data", str(t / "w" / "train.csv")]
         for r in range(a.repeats):
             v = t / f"v{r}"
@@ -62,23 +47,9 @@ def main() -> int:
                                        "--seed", str(r), "--out", str(t / f"m{r}")])
             runs.append(row)
             print(f"repeat {r}: " + ", ".join(f"{k} {s:.1f} s" for k, s in row.items()), flush=True)
-    med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
-    rng = {k: [min(x[k] for x in runs), max(x[k] for x in runs)] for k in runs[0]}
-    frac = {k: [x[k] / x["train"] for x in runs] for k in ("scan data", "scan model")}
-    lines = ["# Scan cost beside training the victim (end to end, fresh processes)", "",
-             f"{a.n_train:,} CIFAR-10 photos + 300 backdoor poisons, rn-tiny-32 laptop recipe, {a.repeats} repeats "
-             "(each a new victim), 2 cores, nothing else running.", "",
-             "| step | median s | range s | ÷ training (median, range) |", "|---|---|---|---|"]
-    for k in runs[0]:
-        f = "1" if k == "train" else (f"{statistics.median(frac[k]):.2f} ({min(frac[k]):.2f}-{max(frac[k]):.2f})")
-        lines.append(f"| {k} | {med[k]:.1f} | {rng[k][0]:.1f}-{rng[k][1]:.1f} | {f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    a.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(a.out / "bench-scan-cost.json", {"runs": runs, "median_s": med, "range_s": rng,
-                                                       "fraction_of_training": frac, "n_train": a.n_train,
-                                                       "repeats": a.repeats, "versions": package_versions()})
-    atomic_write_bytes(a.out / "bench-scan-cost.md", text.encode())
+    print(write_cost_table(a.out, "bench-scan-cost", "Scan cost beside training the victim (end to end, fresh processes)",
+                           f"{a.n_train:,} CIFAR-10 photos + 300 backdoor poisons, rn-tiny-32 laptop recipe, {a.repeats} "
+                           "repeats (each a new victim), 2 cores, nothing else running.", runs, n_train=a.n_train))
     return 0
 
 
