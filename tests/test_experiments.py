@@ -259,6 +259,17 @@ def test_ray_executor_runs_two_tiny_runs_on_a_local_instance(tmp_path):
     assert all(r["status"] == "ok" for r in raws)
 
 
+def test_ray_request_must_fit_on_one_node_not_just_in_the_cluster_total():
+    from clip_poison.experiments.executors import _check_schedulable
+
+    nodes = [{"CPU": 1.0, "memory": 1e9}, {"CPU": 1.0, "GPU": 1.0}]
+    _check_schedulable({"num_cpus": 1, "num_gpus": 1}, nodes)  # the second node can run it
+    with pytest.raises(UserError, match=r"asks for \{'num_cpus': 2, 'num_gpus': 0\}.*cluster total: \{'CPU': 2.0"):
+        _check_schedulable({"num_cpus": 2, "num_gpus": 0}, nodes)  # two CPUs in all, but never on one node
+    with pytest.raises(UserError, match="add a node"):
+        _check_schedulable({"num_cpus": 1, "num_gpus": 2}, nodes)
+
+
 def test_report_draws_categorical_x_and_hue_with_one_clean_line(tmp_path):
     _fake_results(tmp_path)
     meta = json.loads((tmp_path / "sweep.json").read_text())
