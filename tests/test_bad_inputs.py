@@ -254,7 +254,8 @@ SPEC = "name: s\nattack: backdoor\nseeds: [0]\n"
     ("axes: {backdoor.n_poisons: [10, '20']}\n", "spec axis value of the wrong type", "backdoor.n_poisons must be of type int"),
     ("axes: [backdoor.n_poisons, 10]\n", "spec `axes` given as a list", "axes must be a mapping"),
     ("n_targets: two\n", "spec `n_targets: two`", "n_targets must be a whole number"),
-], ids=["str-for-int", "crop-pair", "axis-value", "axes-list", "n-targets"])
+    ("resources: {num_gpu: 1}\n", "spec `resources` key misspelt (`num_gpu`)", "resources.num_gpu: 1 is not a per-run request"),
+], ids=["str-for-int", "crop-pair", "axis-value", "axes-list", "n-targets", "resources-key"])
 def test_bad_spec_values(bad_input, tmp_path, body, what, expect):
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC + body)

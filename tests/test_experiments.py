@@ -259,6 +259,93 @@ def test_ray_executor_runs_two_tiny_runs_on_a_local_instance(tmp_path):
     assert all(r["status"] == "ok" for r in raws)
 
 
+def test_ray_request_must_fit_on_one_node_not_just_in_the_cluster_total():
+    from clip_poison.experiments.executors import _check_schedulable
+
+    nodes = [{"CPU": 1.0, "memory": 1e9}, {"CPU": 1.0, "GPU": 1.0}]
+    _check_schedulable({"num_cpus": 1, "num_gpus": 1}, nodes)  # the second node can run it
+    with pytest.raises(UserError, match=r"asks for \{'num_cpus': 2, 'num_gpus': 0\}.*cluster total: \{'CPU': 2.0"):
+        _check_schedulable({"num_cpus": 2, "num_gpus": 0}, nodes)  # two CPUs in all, but never on one node
+    with pytest.raises(UserError, match="add a node"):
+        _check_schedulable({"num_cpus": 1, "num_gpus": 2}, nodes)
+
+
+@pytest.mark.slow
+def test_ray_two_node_cluster_without_a_shared_sweep_folder(tmp_path, monkeypatch):
+    """Two Ray nodes of two CPUs each (``ray.cluster_utils.Cluster``), runs asking for two CPUs
+    (more than Ray's default of one, so a request that were dropped would let both runs share a node).
+
+    What is simulated: both nodes are processes on this machine, so they do share its disk. "Not
+    shared" is simulated in two ways: each node gets its own ``TMPDIR`` (its node-local folder),
+    and a task is never told the driver's sweep folder (it gets only its run), so every
+    ``results/<id>.json`` must come from the driver and the sweep folder must hold nothing a task
+    made. A killed worker is simulated by a worker setup hook that ``os._exit()``s the first attempt
+    of one run (a marker file says the attempt happened), as the OOM killer would."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from clip_poison.run import world_id
+
+    ray_tmp = Path(f"/tmp/rc{os.getpid()}")  # Ray's socket paths must stay short
+    (ray_tmp / "ray").mkdir(parents=True)
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))  # the cluster's address file too, not /tmp/ray
+    node_tmp = [tmp_path / "node0", tmp_path / "node1"]
+    for d in node_tmp:
+        d.mkdir()
+    spec = _spec(seeds=[0, 1], clean_control=False)
+    runs = expand(spec)
+    doomed, marker = runs[1]["id"], tmp_path / "killed-once"
+
+    def die_on_first_attempt():  # runs in every Ray worker before its first task
+        import clip_poison.experiments.executors as ex
+        real = ex.execute_run
+
+        def execute_run(run, *a, **kw):
+            if run["id"] == doomed and not marker.exists():
+                marker.touch()
+                os._exit(1)  # the worker process dies inside its task: no exception, no cleanup
+            return real(run, *a, **kw)
+        ex.execute_run = execute_run
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "temp_dir": str(ray_tmp / "ray"), "include_dashboard": False,
+        "env_vars": {"TMPDIR": str(node_tmp[0])}})
+    try:
+        cluster.add_node(num_cpus=2, env_vars={"TMPDIR": str(node_tmp[1])})
+        node_ids = [n.node_id for n in (cluster.head_node, *cluster.worker_nodes)]
+        # A run asking for a GPU no node has is refused before anything is submitted (not left pending).
+        with pytest.raises(UserError, match=r"num_gpus': 1.*no node.*cluster total: \{'CPU': 4.0, 'GPU': 0\}"):
+            run_sweep(spec, tmp_path / "gpu", RayExecutor(cluster.address, {"num_cpus": 1, "num_gpus": 1},
+                                                          progress=False))
+        assert not (tmp_path / "gpu" / "results").exists()
+        seen = []
+        s = run_sweep(spec, tmp_path / "s", RayExecutor(cluster.address, {"num_cpus": 2, "num_gpus": 0},
+                                                        progress=False, init_kwargs={"runtime_env": {
+                                                            "worker_process_setup_hook": die_on_first_attempt}}),
+                      on_result=lambda kind, r: seen.append(r["id"]))
+        assert not ray.is_initialized()  # the executor disconnected from the cluster it did not start
+    finally:
+        import shutil
+        ray.shutdown()  # a no-op unless a failure above left the driver connected (it would block cluster.shutdown)
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert s["ran"] == 2 and s["failed"] == 0
+    assert marker.exists()  # the doomed run's first attempt did die; Ray retried it
+    assert sorted(seen) == sorted(r["id"] for r in runs)  # each result returned once, the retried one too
+    # The driver wrote every result; no task touched the sweep folder.
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["results", "sweep.json"]
+    df, raws = load_results(tmp_path / "s")
+    assert sorted(r["id"] for r in raws) == sorted(r["id"] for r in runs)
+    assert all(r["status"] == "ok" for r in raws) and sorted(df["seed"]) == [0, 1]
+    # Two CPUs per node and two per run: the two runs ran on the two nodes, each world in its node's folder.
+    assert sorted(r["node"] for r in raws) == sorted(node_ids)
+    assert all(r["resources"] == {"CPU": 2.0} for r in raws)
+    for r in raws:
+        tmp = node_tmp[node_ids.index(r["node"])]
+        assert (tmp / "clip-poison-ray" / "worlds" / world_id(r["config"]) / "world.json").is_file()
+        assert not (tmp / "clip-poison-ray" / "work" / r["id"]).exists()  # the finished attempt cleaned up
+
+
 def test_report_draws_categorical_x_and_hue_with_one_clean_line(tmp_path):
     _fake_results(tmp_path)
     meta = json.loads((tmp_path / "sweep.json").read_text())

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..io import UserError, atomic_write_json, dumps_json
+from ..io import UserError, atomic_write_json
 from .runner import execute_run, finished, result_path
 from .spec import SweepSpec, expand
 
@@ -69,10 +69,16 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Each run is one Ray task with the spec's resource request (e.g. ``num_gpus: 1`` per run on a
-    GPU cluster). Workers write ``results/<id>.json`` themselves when the sweep folder is on a
-    shared filesystem; the driver also writes each returned result, so a cluster without one
-    still ends with every result on the driver."""
+    """Each run is one Ray task asking for the spec's resources per run (``.options(num_cpus=,
+    num_gpus=)``, e.g. ``num_gpus: 1`` on a GPU cluster). Nodes need not share the sweep folder: a
+    task is given only its run, renders the run's world (deterministic from the config) and trains
+    in a folder on its own node (``clip-poison-ray`` in the node's temp dir, ``TMPDIR``), and
+    returns its result; the driver writes ``results/<id>.json``. A task whose worker dies (killed,
+    out of memory, node lost) is retried by Ray up to ``MAX_RETRIES`` times, and its result is
+    written once. A request no node of the cluster could ever grant is refused before anything is
+    submitted, rather than left pending forever."""
+
+    MAX_RETRIES = 3
 
     def __init__(self, address: str | None = None, resources: dict | None = None, init_kwargs: dict | None = None,
                  progress: bool = True):
@@ -93,9 +99,10 @@ class RayExecutor:
                 raise UserError(f"could not reach a Ray cluster at {self.address!r} ({e}); start one with "
                                 "`ray start --head` or pass --address host:port") from None
         try:
-            res = {"num_cpus": self.resources.get("num_cpus", 1), "num_gpus": self.resources.get("num_gpus", 0)}
-            task = ray.remote(**res)(_ray_run)
-            pending = {task.remote(r, str(sweep_dir), keep_checkpoints): r for r in runs}
+            req = {"num_cpus": self.resources.get("num_cpus", 1), "num_gpus": self.resources.get("num_gpus", 0)}
+            _check_schedulable(req, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+            task = ray.remote(max_retries=self.MAX_RETRIES)(_ray_run).options(**req)
+            pending = {task.remote(r, keep_checkpoints): r for r in runs}
             results = []
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           TimeRemainingColumn(), disable=not self.progress) as prog:
@@ -105,13 +112,12 @@ class RayExecutor:
                     r = pending.pop(done[0])
                     try:
                         out = ray.get(done[0])
-                    except Exception as e:  # the worker itself died (OOM, node lost): record it
+                    except Exception as e:  # the worker died on every attempt (OOM, node lost): record it
                         out = {"id": r["id"], "clean": r["clean"], "point": r["point"], "config": r["config"],
                                "seed": r["config"]["seed"], "sweep": r.get("sweep", {}), "status": "failed",
-                               "error": f"ray task failed: {type(e).__name__}: {e}"}
-                    p = result_path(sweep_dir, out["id"])
-                    if not p.is_file() or p.read_text() != dumps_json(out):
-                        atomic_write_json(p, out)
+                               "error": f"ray task failed (a dead worker is retried {self.MAX_RETRIES} times): "
+                                        f"{type(e).__name__}: {e}"}
+                    atomic_write_json(result_path(sweep_dir, out["id"]), out)
                     _record(out, results, prog, bar, on_result)
         finally:
             if started_here:
@@ -119,18 +125,35 @@ class RayExecutor:
         return results
 
 
-def _ray_run(run: dict, sweep_dir: str, keep_checkpoints: bool) -> dict:
+def _check_schedulable(req: dict, nodes: list[dict]) -> None:
+    """Raise if no node has the CPUs and GPUs one run asks for (Ray would keep such a task pending
+    forever; a task runs on one node, so the cluster's totals are not enough)."""
+    need = {"CPU": req["num_cpus"], "GPU": req["num_gpus"]}
+    if any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
+        return
+    have = [{k: n.get(k, 0) for k in need} for n in nodes]
+    total = {k: sum(h[k] for h in have) for k in need}
+    raise UserError(f"each run asks for {req} but no node of the Ray cluster has that much (nodes: {have}, "
+                    f"cluster total: {total}); lower `resources` in the spec or add a node that has them")
+
+
+def _ray_run(run: dict, keep_checkpoints: bool) -> dict:
+    """One run in a Ray worker, in a folder on this node (never the driver's sweep folder, which
+    the node may not see); the result goes back to the driver, which writes it."""
     import logging
+    import tempfile
     import warnings
+
+    import ray
 
     logging.getLogger().setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
-    try:  # a worker that can write the shared sweep folder writes its own result
-        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-        write = True
-    except OSError:
-        write = False
-    return execute_run(run, sweep_dir, keep_checkpoints=keep_checkpoints, write=write)
+    out = execute_run(run, Path(tempfile.gettempdir()) / "clip-poison-ray", keep_checkpoints=keep_checkpoints,
+                      write=False)
+    ctx = ray.get_runtime_context()
+    out["node"] = ctx.get_node_id()  # hosts of a cluster may share a name
+    out["resources"] = ctx.get_assigned_resources()  # what Ray granted this run, e.g. {"CPU": 2.0}
+    return out
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str | Path, executor: LocalExecutor | RayExecutor | None = None,

@@ -48,8 +48,8 @@ def finished(sweep_dir: str | Path, rid: str) -> bool:
 
 @contextlib.contextmanager
 def _file_lock(path: Path):
-    # Runs of one sweep (Ray tasks on one host, or hosts sharing a filesystem) may need the same
-    # world at once; the lock makes exactly one of them render it.
+    # Runs on one host (Ray tasks of one node share its folder) may need the same world at once;
+    # the lock makes exactly one of them render it.
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

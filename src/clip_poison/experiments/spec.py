@@ -205,12 +205,17 @@ def spec_from_dict(raw: Any, size: str | None = None, where: str = "sweep spec")
     analyses = list(raw.get("analyses") or [])
     if set(analyses) - set(ANALYSES):
         raise UserError(f"{where}: unknown analyses {sorted(set(analyses) - set(ANALYSES))}; available {ANALYSES}")
+    resources = _mapping(raw, "resources", where)
+    for k, v in resources.items():  # a misspelt key would silently run every task on one CPU
+        if k not in ("num_cpus", "num_gpus") or isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise UserError(f"{where}: resources.{k}: {v!r} is not a per-run request; use "
+                            "`resources: {num_cpus: N, num_gpus: M}` with numbers >= 0")
     defense = resolve_defense(_mapping(raw, "defense", where), where)
     return SweepSpec(name=str(raw["name"]), analyses=analyses, defense=defense, attack=raw["attack"], base=base, axes=axes, seeds=seeds,
                      figure=str(raw.get("figure", "")), description=str(raw.get("description", "")).strip(),
                      clean_control=bool(raw.get("clean_control", True)),
                      keep_checkpoints=bool(raw.get("keep_checkpoints", False)), n_targets=n_targets,
-                     resources={"num_cpus": 1, "num_gpus": 0, **_mapping(raw, "resources", where)},
+                     resources={"num_cpus": 1, "num_gpus": 0, **resources},
                      report=_mapping(raw, "report", where), size=size)
 
 
