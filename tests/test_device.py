@@ -1,15 +1,61 @@
-"""The clean-order sampler sharded per rank (open_clip_train under torchrun, one process per GPU):
-one rank yields the order of before, W ranks split it DDP-like. Runs without a GPU."""
+"""Precision and devices: the precision each device gets, the clean-order sampler sharded per rank,
+and the refusals. Runs without a GPU: the CUDA
+choices are checked as what is passed on (argv, resolved names), never by training on one."""
 import argparse
 import hashlib
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
 
+from clip_poison.config import TrainConfig
 from clip_poison.data.csvdata import write_csv_rows
-from clip_poison.victims.openclip_train import training_rows
+from clip_poison.io import UserError
+from clip_poison.run import train_record
+from clip_poison.victims import device as dev
+from clip_poison.victims.export import WEIGHTS
+from clip_poison.victims.fast import PAIR_LOSS, Objective, train_fast
+from clip_poison.victims.openclip_train import open_clip_train_argv, training_rows
 from clip_poison.victims.order import CleanOrderSampler, epoch_order
+from clip_poison.victims.train import train_victim
+
+
+@pytest.mark.parametrize("precision, device, used", [
+    ("auto", "cpu", "fp32"), ("auto", "cuda", "amp_bf16"),
+    ("fp32", "cpu", "fp32"), ("fp32", "cuda", "fp32"),
+    ("bf16", "cpu", "amp_bf16"), ("bf16", "cuda", "amp_bf16"),
+    ("amp", "cuda", "amp"),
+])
+def test_precision_follows_the_device(precision, device, used):
+    from open_clip_train.params import parse_args
+
+    assert dev.resolve_precision(precision, device) == used
+    assert parse_args(["--precision", used]).precision == used  # a name open_clip_train takes
+
+
+@pytest.mark.parametrize("precision, device, expect", [
+    ("amp", "cpu", "CUDA mode"), ("fp16", "cpu", "'auto', 'fp32', 'bf16', 'amp'"),
+    ("amp_bf16", "cuda", "one of"),  # open_clip_train's own names are not TrainConfig's
+])
+def test_precision_refusals(precision, device, expect):
+    with pytest.raises(UserError, match=expect):
+        dev.resolve_precision(precision, device)
+
+
+def _oc_args(cfg, device="cpu"):
+    return open_clip_train_argv(cfg, Path("x.csv"), Path("logs"), 100, device=device)
+
+
+@pytest.mark.parametrize("precision, device, used", [("auto", "cpu", "fp32"), ("auto", "cuda", "amp_bf16"),
+                                                    ("bf16", "cpu", "amp_bf16"), ("amp", "cuda", "amp")])
+def test_open_clip_train_gets_the_resolved_precision(precision, device, used):
+    argv = _oc_args(TrainConfig(precision=precision), device)
+    assert argv[argv.index("--precision") + 1] == used
 
 
 # sha256 (first 16 hex) of epoch_order's int64 bytes as committed before the sampler was sharded (9f7ecbb)
@@ -78,3 +124,60 @@ def test_open_clip_train_loader_is_sharded_by_args_rank(tiny_world, tmp_path):
     theirs = torch.cat([texts for _, texts in info.dataloader])
     tokens = tok(caps)
     assert torch.equal(theirs, tokens[_shards(300, 300, 3, epoch=1)[1]])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_amp_on_cpu_is_refused_by_both_backends(tiny_world, tmp_path):
+    for backend in ("fast", "open_clip_train"):
+        with pytest.raises(UserError, match="CUDA mode"):
+            train_victim(tiny_world / "train.csv", [], TrainConfig(precision="amp", backend=backend), tmp_path / backend)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="trains on CPU")
+@pytest.mark.slow
+def test_bf16_on_cpu_trains_another_victim_and_says_so(tiny_world, tmp_path):
+    cfg = TrainConfig(model="rn-tiny-32", epochs=1, batch_size=64, warmup=2)
+    fp32 = train_fast(tiny_world / "train.csv", [], cfg, tmp_path / "fp32")
+    bf16 = train_fast(tiny_world / "train.csv", [], replace(cfg, precision="bf16", record_pair_loss=True),
+                      tmp_path / "bf16")
+    assert fp32["precision"] == {"asked": "auto", "used": "fp32", "device": "cpu"}
+    recorded = json.loads((tmp_path / "bf16" / "train.json").read_text())
+    assert recorded["precision"] == {"asked": "bf16", "used": "amp_bf16", "device": "cpu"}
+    assert math.isfinite(bf16["final_loss"]) and all(map(math.isfinite, bf16["loss_per_step"]))
+    w32, w16 = (torch.load(tmp_path / k / WEIGHTS, weights_only=True) for k in ("fp32", "bf16"))
+    assert all(v.dtype == w32[k].dtype for k, v in w16.items())  # autocast leaves the weights fp32
+    assert all(torch.isfinite(v).all() for v in w16.values() if v.is_floating_point())
+    assert any(not torch.equal(w32[k], w16[k]) for k in w32 if w32[k].is_floating_point())
+    # the first step's loss agrees to bfloat16's precision (8 mantissa bits), then the runs drift apart
+    assert abs(bf16["loss_per_step"][0] - fp32["loss_per_step"][0]) < 0.05 * fp32["loss_per_step"][0]
+    seen = np.load(tmp_path / "bf16" / PAIR_LOSS)[:, 0]
+    assert np.isfinite(seen[~np.isnan(seen)]).all() and (~np.isnan(seen)).sum() == 256  # 4 batches of 64
+
+
+@pytest.mark.slow
+def test_an_objective_runs_under_the_steps_autocast(tiny_world, tmp_path):
+    class Probe(Objective):
+        name = "probe"
+        seen: list = []
+
+        def loss(self, imgs, tokens, idx, epoch):
+            self.seen.append(torch.is_autocast_enabled(imgs.device.type))
+            out = self.ctx.forward(imgs, tokens)
+            return open_clip.ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"])
+
+    cfg = TrainConfig(model="rn-tiny-32", epochs=1, batch_size=100, warmup=1)
+    for precision, expect in (("fp32", False), ("bf16", True)):
+        probe = Probe()
+        probe.seen = []
+        train_fast(tiny_world / "train.csv", [], replace(cfg, precision=precision), tmp_path / precision, objective=probe)
+        assert probe.seen == [expect] * 3
+
+
+def test_result_keeps_the_precision_record_unless_it_is_the_old_cpu_fp32():
+    info = {"backend": "fast", "recipe": {}, "final_loss": 1.0}
+    cpu_fp32 = {"asked": "auto", "used": "fp32", "device": "cpu"}
+    assert train_record({**info, "precision": cpu_fp32}) == {"backend": "fast", "final_loss": 1.0}
+    for other in ({**cpu_fp32, "asked": "fp32"}, {**cpu_fp32, "used": "amp_bf16", "asked": "bf16"},
+                  {**cpu_fp32, "used": "amp_bf16", "device": "cuda"}):
+        assert train_record({**info, "precision": other})["precision"] == other

@@ -21,6 +21,7 @@ import torch
 from ..config import CAPTION_KEY, IMG_KEY, TrainConfig
 from ..data.csvdata import read_csv_dataset, write_csv_rows
 from ..io import UserError, check_stamped_size, read_manifest, atomic_dir, atomic_write_json, package_versions, sha256_file
+from .device import resolve_precision, train_device
 from .export import export_local_dir, init_weights
 from .models import image_size, model_config
 
@@ -149,7 +150,8 @@ def run_trainer(argv: list[str], env: dict | None, on_line: Callable[[str], None
 
 
 def open_clip_train_argv(cfg: TrainConfig, csv_path: Path | None, logs: Path, n_samples: int,
-                         wds_data: str | None = None) -> list[str]:
+                         wds_data: str | None = None, device: str | None = None) -> list[str]:
+    """open_clip_train's arguments for the recipe; ``device`` (default: this machine's) picks the precision."""
     lo, hi = cfg.crop_scale
     data = (["--train-data", wds_data, "--dataset-type", "webdataset"] if wds_data else
             ["--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", ",",
@@ -158,8 +160,8 @@ def open_clip_train_argv(cfg: TrainConfig, csv_path: Path | None, logs: Path, n_
         "--train-num-samples", str(n_samples),
         "--model", cfg.model, "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
         "--lr", str(cfg.lr), "--wd", str(cfg.wd), "--warmup", str(cfg.warmup),
-        # fp32: amp on CPU is ~20x slower (TOOLCHAIN.md).
-        "--precision", "fp32", "--workers", str(cfg.workers), "--seed", str(cfg.seed),
+        "--precision", resolve_precision(cfg.precision, device or train_device()),
+        "--workers", str(cfg.workers), "--seed", str(cfg.seed),
         "--logs", str(logs), "--name", "run", "--save-frequency", "0", "--report-to", "",
         # no ratio=: open_clip ignores it (openclip_crop_ratio), so passing one would only mislead
         "--log-every-n-steps", "1", "--aug-cfg", f"scale=({lo},{hi})",
@@ -185,6 +187,8 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
     model_cfg = model_config(cfg.model)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be >= 1")
+    device = train_device()
+    precision = resolve_precision(cfg.precision, device)
     t0 = time.time()
     # checked here (same message as the fast backend), not deep inside the subprocess's log
     init_info = init_weights(cfg.init, model_cfg, cfg.model)[1] if cfg.init else None
@@ -211,7 +215,7 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
             write_csv_rows(csv_path, paths, caps)
         argv = [sys.executable, "-m", "clip_poison.victims._otrain_entry", "--n-clean", str(n_clean),
                 "--order-seed", str(cfg.seed), "--"] + open_clip_train_argv(cfg, csv_path, work / "logs", n_total,
-                                                                             wds_data)
+                                                                             wds_data, device)
         total = cfg.epochs * (n_total // cfg.batch_size) * cfg.batch_size
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         tail: list[str] = []
@@ -244,6 +248,7 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
                          "train_data": wds_data or str(csv_path.name), "format": "wds" if wds_data else "csv",
                          "n_clean": n_clean, "n_poisons": n_total - n_clean, "poison_sets": sources},
                 **({"init": init_info} if init_info else {}),
+                "precision": {"asked": cfg.precision, "used": precision, "device": device},
                 # as open_clip_train logs it (5 significant digits), one per step
                 "model_cfg": model_cfg, "loss_per_step": losses,
                 "seconds": round(time.time() - t0, 2), "versions": package_versions()}
