@@ -1,10 +1,11 @@
-"""Precision and devices: the precision each device gets, the clean-order sampler sharded per rank,
-and the refusals. Runs without a GPU: the CUDA
+"""Precision and devices: the precision each device gets, the trainer's command line for one or N
+GPUs, the clean-order sampler sharded per rank, and the refusals. Runs without a GPU: the CUDA
 choices are checked as what is passed on (argv, resolved names), never by training on one."""
 import argparse
 import hashlib
 import json
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from clip_poison.run import train_record
 from clip_poison.victims import device as dev
 from clip_poison.victims.export import WEIGHTS
 from clip_poison.victims.fast import PAIR_LOSS, Objective, train_fast
-from clip_poison.victims.openclip_train import open_clip_train_argv, training_rows
+from clip_poison.victims.openclip_train import open_clip_train_argv, train_open_clip_train, trainer_argv, training_rows
 from clip_poison.victims.order import CleanOrderSampler, epoch_order
 from clip_poison.victims.train import train_victim
 
@@ -56,6 +57,30 @@ def _oc_args(cfg, device="cpu"):
 def test_open_clip_train_gets_the_resolved_precision(precision, device, used):
     argv = _oc_args(TrainConfig(precision=precision), device)
     assert argv[argv.index("--precision") + 1] == used
+
+
+def test_trainer_argv_one_gpu_is_python_m_and_n_gpus_is_torchrun():
+    from open_clip_train.params import parse_args
+    from torch.distributed.run import parse_args as torchrun_args
+
+    one = TrainConfig(batch_size=128, backend="open_clip_train")
+    four = replace(one, gpus=4)
+    entry = ["-m", "clip_poison.victims._otrain_entry", "--n-clean", "300", "--order-seed", "0", "--"]
+    a1 = trainer_argv(one, 300, _oc_args(one, "cuda"))
+    assert a1 == [sys.executable, *entry, *_oc_args(one, "cuda")]  # unchanged: python -m, one process
+
+    a4 = trainer_argv(four, 300, _oc_args(four, "cuda"))
+    assert a4[:3] == [sys.executable, "-m", "torch.distributed.run"]  # torchrun's module, this interpreter
+    t = torchrun_args(a4[3:])  # read the way torchrun reads it
+    assert (t.nproc_per_node, t.module, t.standalone) == ("4", True, True)
+    assert [t.training_script, *t.training_script_args] == [*entry[1:], *_oc_args(four, "cuda")]
+
+    # the same open_clip_train arguments, except that each of the 4 ranks takes a quarter of the
+    # batch and the loss is the global one (local loss + gather with grad)
+    p1, p4 = vars(parse_args(_oc_args(one, "cuda"))), vars(parse_args(_oc_args(four, "cuda")))
+    assert (p1["batch_size"], p4["batch_size"]) == (128, 32)
+    assert (p1["local_loss"], p1["gather_with_grad"], p4["local_loss"], p4["gather_with_grad"]) == (False, False, True, True)
+    assert {k for k in p1 if p1[k] != p4[k]} == {"batch_size", "local_loss", "gather_with_grad"}
 
 
 # sha256 (first 16 hex) of epoch_order's int64 bytes as committed before the sampler was sharded (9f7ecbb)
@@ -126,12 +151,31 @@ def test_open_clip_train_loader_is_sharded_by_args_rank(tiny_world, tmp_path):
     assert torch.equal(theirs, tokens[_shards(300, 300, 3, epoch=1)[1]])
 
 
+def test_gpu_refusals_come_before_any_work(tiny_world, tmp_path, monkeypatch):
+    data = tiny_world / "train.csv"
+    with pytest.raises(UserError, match="needs --backend open_clip_train"):
+        train_victim(data, [], TrainConfig(gpus=2), tmp_path / "fast")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="torch sees 1"):
+        train_victim(data, [], TrainConfig(gpus=2, backend="open_clip_train"), tmp_path / "oc")
+    with pytest.raises(UserError, match="divisible"):
+        train_open_clip_train(data, [], TrainConfig(gpus=3, batch_size=64, backend="open_clip_train"), tmp_path / "oc")
+    with pytest.raises(UserError, match="at least one"):
+        train_fast(data, [], TrainConfig(gpus=0), tmp_path / "fast")
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_amp_on_cpu_is_refused_by_both_backends(tiny_world, tmp_path):
     for backend in ("fast", "open_clip_train"):
         with pytest.raises(UserError, match="CUDA mode"):
             train_victim(tiny_world / "train.csv", [], TrainConfig(precision="amp", backend=backend), tmp_path / backend)
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_gpus_on_the_fast_backend_is_refused(bad_input, tiny_world, tmp_path):
+    bad_input(["train", "--data", tiny_world / "train.csv", "--gpus", "2", "--out", tmp_path / "v"],
+              what="`--gpus 2` with the fast backend", kind="unsupported", expect=["--backend open_clip_train"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="trains on CPU")
@@ -141,9 +185,9 @@ def test_bf16_on_cpu_trains_another_victim_and_says_so(tiny_world, tmp_path):
     fp32 = train_fast(tiny_world / "train.csv", [], cfg, tmp_path / "fp32")
     bf16 = train_fast(tiny_world / "train.csv", [], replace(cfg, precision="bf16", record_pair_loss=True),
                       tmp_path / "bf16")
-    assert fp32["precision"] == {"asked": "auto", "used": "fp32", "device": "cpu"}
+    assert fp32["precision"] == {"asked": "auto", "used": "fp32", "device": "cpu", "gpus": 1}
     recorded = json.loads((tmp_path / "bf16" / "train.json").read_text())
-    assert recorded["precision"] == {"asked": "bf16", "used": "amp_bf16", "device": "cpu"}
+    assert recorded["precision"] == {"asked": "bf16", "used": "amp_bf16", "device": "cpu", "gpus": 1}
     assert math.isfinite(bf16["final_loss"]) and all(map(math.isfinite, bf16["loss_per_step"]))
     w32, w16 = (torch.load(tmp_path / k / WEIGHTS, weights_only=True) for k in ("fp32", "bf16"))
     assert all(v.dtype == w32[k].dtype for k, v in w16.items())  # autocast leaves the weights fp32
@@ -176,7 +220,7 @@ def test_an_objective_runs_under_the_steps_autocast(tiny_world, tmp_path):
 
 def test_result_keeps_the_precision_record_unless_it_is_the_old_cpu_fp32():
     info = {"backend": "fast", "recipe": {}, "final_loss": 1.0}
-    cpu_fp32 = {"asked": "auto", "used": "fp32", "device": "cpu"}
+    cpu_fp32 = {"asked": "auto", "used": "fp32", "device": "cpu", "gpus": 1}
     assert train_record({**info, "precision": cpu_fp32}) == {"backend": "fast", "final_loss": 1.0}
     for other in ({**cpu_fp32, "asked": "fp32"}, {**cpu_fp32, "used": "amp_bf16", "asked": "bf16"},
                   {**cpu_fp32, "used": "amp_bf16", "device": "cuda"}):

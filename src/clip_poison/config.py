@@ -159,6 +159,9 @@ class TrainConfig:
     # "auto" (fp32 on CPU, as every committed result; amp_bf16 on CUDA), "fp32", "bf16" (bfloat16
     # autocast) or "amp" (CUDA float16 autocast + GradScaler); victims/device.resolve_precision.
     precision: str = late("auto")
+    # GPUs training this one victim (open_clip_train backend under torchrun when > 1; the batch is
+    # split between them, so batch_size stays the contrastive batch of the recipe).
+    gpus: int = late(1)
 
 
 @dataclass

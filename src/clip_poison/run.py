@@ -122,7 +122,7 @@ def headline(r: dict) -> dict:
 
 # What every result made before the precision followed the device trained in: its record is left out of
 # results that trained so, which keep the keys they had (as config.late does for config fields).
-CPU_FP32 = {"asked": "auto", "used": "fp32", "device": "cpu"}
+CPU_FP32 = {"asked": "auto", "used": "fp32", "device": "cpu", "gpus": 1}
 
 
 def train_record(info: dict) -> dict:

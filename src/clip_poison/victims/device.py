@@ -3,11 +3,13 @@
 The device follows the machine (CUDA when torch sees one, else CPU) and the precision follows the
 device unless ``TrainConfig.precision`` says otherwise: fp32 on CPU (open_clip_train's default
 ``amp`` is ~20x slower there, and every committed CPU result is fp32), bfloat16 autocast on CUDA.
+A run asking for several GPUs (``TrainConfig.gpus``) gets them or is refused before any work.
 """
 from __future__ import annotations
 
 import torch
 
+from ..config import TrainConfig
 from ..io import UserError
 
 # TrainConfig.precision -> open_clip_train's --precision name (the fast backend reads the same names)
@@ -30,4 +32,22 @@ def resolve_precision(precision: str, device: str) -> str:
     return PRECISIONS[precision]
 
 
-__all__ = ["PRECISIONS", "resolve_precision", "train_device"]
+def check_gpus(cfg: TrainConfig) -> None:
+    """Refuse a GPU count the backend or the machine cannot give, before any work."""
+    if cfg.gpus < 1:
+        raise UserError(f"--gpus {cfg.gpus}: a victim trains on at least one device; use --gpus 1 (or more)")
+    if cfg.gpus == 1:
+        return
+    if cfg.backend != "open_clip_train":
+        raise UserError(f"--gpus {cfg.gpus} needs --backend open_clip_train (run under torchrun, one process per GPU); "
+                        "the fast backend trains in one process on one device")
+    if cfg.batch_size % cfg.gpus:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over --gpus {cfg.gpus} (each GPU takes "
+                        "batch-size / gpus of every contrastive batch); pick a batch size divisible by the GPU count")
+    have = torch.cuda.device_count()
+    if have < cfg.gpus:
+        raise UserError(f"--gpus {cfg.gpus} asks for {cfg.gpus} CUDA devices but torch sees {have} here; "
+                        f"lower --gpus to {max(have, 1)}")
+
+
+__all__ = ["PRECISIONS", "check_gpus", "resolve_precision", "train_device"]

@@ -49,7 +49,7 @@ from torchvision.transforms import v2
 
 from ..config import TrainConfig
 from ..io import UserError, atomic_dir, atomic_write_json, load_image, package_versions, resize_to_input, sha256_file
-from .device import resolve_precision, train_device
+from .device import check_gpus, resolve_precision, train_device
 from .export import export_local_dir, init_weights
 from .models import image_size, model_config, register_victims
 from .order import epoch_order
@@ -187,6 +187,7 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     model_cfg = model_config(cfg.model)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be >= 1")
+    check_gpus(cfg)
     device = train_device()
     precision = resolve_precision(cfg.precision, device)
     if objective is not None and cfg.record_pair_loss:
@@ -317,7 +318,7 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
                          "n_clean": n_clean, "n_poisons": n - n_clean, "poison_sets": sources},
                 **({"init": init_info} if init_info else {}),
                 **({"objective": objective.info()} if objective is not None else {}),
-                "precision": {"asked": cfg.precision, "used": precision, "device": device},
+                "precision": {"asked": cfg.precision, "used": precision, "device": device, "gpus": cfg.gpus},
                 "model_cfg": model_cfg, "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])),
                 # per step, as open_clip_train logs it: the backends are compared step by step (tests)
                 "loss_per_step": [round(x, 6) for x in losses],
