@@ -210,14 +210,15 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
     t0 = time.time()
     # checked here (same message as the fast backend), not deep inside the subprocess's log
     init_info = init_weights(cfg.init, model_cfg, cfg.model)[1] if cfg.init else None
-    from ..data.wds import is_wds_spec
+    from ..data.wds import expand_shards, is_wds_spec
 
     wds_data = None
     if is_wds_spec(train_csv):
         # Webdataset input: clean and poison shards are streamed by open_clip_train itself (`::`).
         wds_data, n_clean, n_total, sources = webdataset_inputs(str(train_csv), poison_dirs, image_size(cfg.model))
-        if cfg.workers > 1 + wds_data.count("::"):
-            raise UserError(f"--workers {cfg.workers} exceeds the number of shards; lower --workers")
+        n_shards = sum(len(expand_shards(part)) for part in wds_data.split("::"))
+        if cfg.workers * cfg.gpus > n_shards:  # open_clip_train asserts shards >= workers x GPUs
+            raise UserError(f"--workers {cfg.workers} x --gpus {cfg.gpus} exceeds the {n_shards} shards; lower --workers")
     else:
         paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs, image_size(cfg.model))
         n_total = len(paths)
