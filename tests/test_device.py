@@ -225,3 +225,14 @@ def test_result_keeps_the_precision_record_unless_it_is_the_old_cpu_fp32():
     for other in ({**cpu_fp32, "asked": "fp32"}, {**cpu_fp32, "used": "amp_bf16", "asked": "bf16"},
                   {**cpu_fp32, "used": "amp_bf16", "device": "cuda"}):
         assert train_record({**info, "precision": other})["precision"] == other
+
+
+def test_webdataset_workers_are_counted_against_the_real_shards(tiny_world, tmp_path):
+    """open_clip_train asserts shards >= workers x GPUs; a brace pattern counts as its shards."""
+    from clip_poison.data.wds import csv_to_shards
+
+    csv_to_shards(tiny_world / "train.csv", tmp_path / "clean", shard_size=100)  # 300 pairs: 3 shards
+    cfg = TrainConfig(backend="open_clip_train", workers=4)
+    with pytest.raises(UserError, match="exceeds the 3 shards"):
+        train_victim(str(tmp_path / "clean" / "{00000..00002}.tar"), [], cfg, tmp_path / "v")
+    assert not (tmp_path / "v").exists()
