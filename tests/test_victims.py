@@ -87,7 +87,8 @@ def test_fast_order_equals_open_clip_train_loader_order(tiny_world, tmp_path):
     csv = tmp_path / "x_union_p.csv"
     write_csv_rows(csv, paths, caps)
     args = argparse.Namespace(train_data=str(csv), csv_img_key="filepath", csv_caption_key="title",
-                              csv_separator=",", batch_size=32, workers=0, distributed=False)
+                              csv_separator=",", batch_size=32, workers=0, distributed=False,
+                              world_size=1, rank=0)
     register_victims()
     tok = open_clip.get_tokenizer("rn-tiny-32")
     info = with_clean_order(oc_data.get_csv_dataset(args, lambda im: 0, True, tokenizer=tok), args, n_clean, 7)

@@ -84,6 +84,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["fast", "open_clip_train"], default=D_R.backend,
                    help="fast = in-process open_clip loop (data in RAM); open_clip_train = OpenCLIP's own trainer")
     p.add_argument("--workers", type=NONNEG_INT, default=D_R.workers, help="DataLoader workers (open_clip_train backend)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "amp"], default=D_R.precision,
+                   help="auto = fp32 on CPU, amp_bf16 (bfloat16 autocast) on CUDA; bf16 = bfloat16 autocast on either "
+                        "(on CPUs with AMX it helps 30M-parameter victims, not the 1-5M ones); amp = CUDA float16 "
+                        "autocast + GradScaler; train.json records the precision used")
+    p.add_argument("--gpus", type=POS_INT, default=D_R.gpus,
+                   help="GPUs training one victim: > 1 runs open_clip_train under torchrun (--backend open_clip_train), "
+                        "each GPU taking batch-size / gpus of every batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,7 +357,7 @@ def _train_cfg(a, seed: int) -> TrainConfig:
         raise UserError(f"--crop-scale {a.crop_scale[0]:g} {a.crop_scale[1]:g} has LO > HI; pass LO <= HI, e.g. 0.9 1.0")
     return TrainConfig(model=a.model, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, wd=a.wd,
                        warmup=a.warmup, seed=seed, crop_scale=tuple(a.crop_scale), backend=a.backend,
-                       workers=a.workers)
+                       workers=a.workers, precision=a.precision, gpus=a.gpus)
 
 
 def _progress():

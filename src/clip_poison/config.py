@@ -156,6 +156,12 @@ class TrainConfig:
     init: str | None = late(None)
     # Robust training: "none" or "safeclip" (fast backend; the objective lives in defenses/robust.py).
     defense: str = late("none")
+    # "auto" (fp32 on CPU, as every committed result; amp_bf16 on CUDA), "fp32", "bf16" (bfloat16
+    # autocast) or "amp" (CUDA float16 autocast + GradScaler); victims/device.resolve_precision.
+    precision: str = late("auto")
+    # GPUs training this one victim (open_clip_train backend under torchrun when > 1; the batch is
+    # split between them, so batch_size stays the contrastive batch of the recipe).
+    gpus: int = late(1)
 
 
 @dataclass

@@ -120,6 +120,18 @@ def headline(r: dict) -> dict:
     return out
 
 
+# What every result made before the precision followed the device trained in: its record is left out of
+# results that trained so, which keep the keys they had (as config.late does for config fields).
+CPU_FP32 = {"asked": "auto", "used": "fp32", "device": "cpu", "gpus": 1}
+
+
+def train_record(info: dict) -> dict:
+    """A result's ``train`` section: the victim's train.json less its setup records (recipe, model
+    config, data, versions), and less its precision record when that is the CPU fp32 of old results."""
+    return {k: v for k, v in info.items()
+            if k not in ("model_cfg", "recipe", "versions", "data") and not (k == "precision" and v == CPU_FP32)}
+
+
 def defend(cfg: dict, world: Path, victim: Path, train_dirs: list[Path], train_csv: Path | None = None) -> dict:
     """The defense step: the data scan of a poisoned victim's training set (a clean victim's has
     nothing to find) and the blind model scan of every victim, both on clean images the defender
@@ -308,7 +320,7 @@ def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress 
                           "probe_asr_random": b["random"]["probe"]["asr"]} if "probe" in b["consistent"] else {})}
                      for b in ev["backdoor"]],
         "targeted": ev["targeted"],
-        "train": {k: v for k, v in info.items() if k not in ("model_cfg", "recipe", "versions", "data")},
+        "train": train_record(info),
         "eval_seconds": ev["seconds"],
     }
     scores = None

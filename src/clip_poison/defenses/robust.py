@@ -127,7 +127,7 @@ class SafeCLIPObjective(Objective):
             img.append(out["image_features"])
             txt.append(out["text_features"])
         ctx.model.train()
-        return torch.cat(img).numpy(), torch.cat(txt).numpy()
+        return torch.cat(img).cpu().numpy(), torch.cat(txt).cpu().numpy()  # the model may train on a GPU
 
     def begin_epoch(self, epoch: int) -> None:
         if epoch < WARMUP_EPOCHS:

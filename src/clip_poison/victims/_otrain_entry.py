@@ -7,6 +7,7 @@
    them are caused by P, not by a reshuffle.
 
 Usage: python -m clip_poison.victims._otrain_entry --n-clean N --order-seed S -- <open_clip_train args>
+(or under ``torchrun --nproc_per_node G -m clip_poison.victims._otrain_entry ...``: one process per GPU).
 """
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from .order import CleanOrderSampler
 
 def with_clean_order(info, args, n_clean: int, order_seed: int):
     """open_clip_train's CSV ``DataInfo`` with its shuffle replaced by ``CleanOrderSampler``
-    (same dataset, batch size, workers and drop_last)."""
+    (same dataset, batch size, workers and drop_last), sharded per rank under torchrun:
+    open_clip_train sets ``args.world_size`` and ``args.rank`` (``init_distributed_device``)
+    before it builds its data (``get_data``)."""
     from open_clip_train import data as oc_data
 
     ds = info.dataloader.dataset
-    sampler = CleanOrderSampler(ds, n_clean, order_seed)
+    sampler = CleanOrderSampler(ds, n_clean, order_seed, num_replicas=args.world_size, rank=args.rank)
     dl = DataLoader(ds, batch_size=args.batch_size, shuffle=False, sampler=sampler,
                     num_workers=args.workers, pin_memory=False, drop_last=True)
     dl.num_samples, dl.num_batches = len(ds), len(dl)

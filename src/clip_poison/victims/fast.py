@@ -22,6 +22,11 @@ but off by default (its compile time costs more than it saves on a sweep-sized r
 is seen (``pair_loss.npy`` + ``pair_loss.json``, see ``PAIR_LOSS``): the training dynamics that
 Carlini & Terzis §6 suggest monitoring. It reads the logits the step computes anyway, under
 ``no_grad``, so the trained weights are bitwise the same with or without it (tested).
+
+It trains on CUDA when torch sees a GPU (the checkpoint is exported as CPU tensors either way), in
+the precision ``victims/device.resolve_precision`` picks: fp32 on CPU by default (bitwise the
+training of every committed result), each step under open_clip_train's own autocast otherwise
+(``get_autocast``: bfloat16, or float16 with a GradScaler as open_clip_train's ``amp``).
 """
 from __future__ import annotations
 
@@ -38,11 +43,13 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip_train.params import get_default_params
+from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import cosine_lr
 from torchvision.transforms import v2
 
 from ..config import TrainConfig
 from ..io import UserError, atomic_dir, atomic_write_json, load_image, package_versions, resize_to_input, sha256_file
+from .device import check_gpus, resolve_precision, train_device
 from .export import export_local_dir, init_weights
 from .models import image_size, model_config, register_victims
 from .order import epoch_order
@@ -79,13 +86,14 @@ def _seed_everything(seed: int) -> None:
 @dataclass
 class TrainContext:
     """What an ``Objective`` sees of a run: the model, every training pair in memory (raw uint8
-    pixels at input size and captions, clean rows first), and how a batch becomes model input."""
+    pixels at input size and captions, clean rows first), and how a batch becomes model input.
+    Pixels, tokens and the model live on the training device; ``loss`` runs under the step's autocast."""
 
     model: torch.nn.Module
     forward: Callable
     pixels: torch.Tensor  # N x 3 x H x W uint8, before any crop or normalisation
     captions: list[str]
-    tokenizer: Callable
+    tokenizer: Callable  # captions -> tokens on the training device
     normalize: Callable[[torch.Tensor], torch.Tensor]  # uint8 batch -> the model's float input
     n_clean: int
     cfg: TrainConfig
@@ -179,6 +187,9 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     model_cfg = model_config(cfg.model)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be >= 1")
+    check_gpus(cfg)
+    device = train_device()
+    precision = resolve_precision(cfg.precision, device)
     if objective is not None and cfg.record_pair_loss:
         raise UserError(f"--record-pair-loss records the plain CLIP loss; it cannot be combined with the "
                         f"{objective.name} objective")
@@ -191,22 +202,26 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     if n < cfg.batch_size:
         raise UserError(f"{n} training pairs are fewer than one batch of {cfg.batch_size}; lower --batch-size")
     _seed_everything(cfg.seed)
+    # built on CPU in fp32 on every device, so one seed gives one initialisation
     model = open_clip.create_model(cfg.model, device="cpu", precision="fp32", output_dict=True)
     if init_sd is not None:
         model.load_state_dict(init_sd)
-    tokenizer = open_clip.get_tokenizer(cfg.model)
+    tokenize = open_clip.get_tokenizer(cfg.model)
+
+    def tokenizer(texts) -> torch.Tensor:
+        return tokenize(texts).to(device)
     size = model.visual.image_size
     size = size if isinstance(size, int) else size[0]
     is_resnet = isinstance(model_cfg["vision_cfg"]["layers"], (list, tuple))
     layout = torch.channels_last if (opts.channels_last and is_resnet) else torch.contiguous_format
-    model = model.to(memory_format=layout)
+    model = model.to(device=device, memory_format=layout)
     timings["startup"] = time.time() - t0
 
     t1 = time.time()
-    pixels = _decode_all(paths, size, opts.decode_threads)
+    pixels = _decode_all(paths, size, opts.decode_threads).to(device)
     tokens = tokenizer(caps)
-    mean = torch.tensor(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(model.visual.image_std or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.image_std or open_clip.OPENAI_DATASET_STD, device=device).view(1, 3, 1, 1)
     crop = None
     raw = pixels
 
@@ -224,6 +239,8 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
     timings["data"] = time.time() - t1
 
     optimizer = build_optimizer(model, cfg, opts.optimizer_impl)
+    autocast = get_autocast(precision, device_type=device)  # fp32: a no-op context
+    scaler = torch.amp.GradScaler(device) if precision == "amp" else None  # float16 needs loss scaling
     loss_fn = _ClipLossKeepingLogits() if cfg.record_pair_loss else open_clip.ClipLoss()
     # NaN stays where a pair was not seen: the epoch's partial last batch is dropped
     pair_loss = np.full((n, cfg.epochs), np.nan, dtype=np.float32) if cfg.record_pair_loss else None
@@ -260,17 +277,22 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
                 imgs = normalize(imgs)
             ta = time.time()
             optimizer.zero_grad(set_to_none=True)
-            if objective is not None:
-                loss = objective.loss(imgs, tokens[idx], idx, epoch)
-            else:
-                out_ = forward(imgs, tokens[idx])
-                loss = loss_fn(out_["image_features"], out_["text_features"], out_["logit_scale"])
-            if pair_loss is not None:
-                with torch.no_grad():
-                    pair_loss[idx.numpy(), epoch] = per_pair_clip_loss(*loss_fn.logits).numpy()
-            loss.backward()
+            with autocast():
+                if objective is not None:
+                    loss = objective.loss(imgs, tokens[idx], idx, epoch)
+                else:
+                    out_ = forward(imgs, tokens[idx])
+                    loss = loss_fn(out_["image_features"], out_["text_features"], out_["logit_scale"])
+                if pair_loss is not None:
+                    with torch.no_grad():
+                        pair_loss[idx.numpy(), epoch] = per_pair_clip_loss(*loss_fn.logits).float().cpu().numpy()
+            (scaler.scale(loss) if scaler else loss).backward()
             tb = time.time()
-            optimizer.step()
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             t_opt += time.time() - tb
@@ -296,6 +318,7 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
                          "n_clean": n_clean, "n_poisons": n - n_clean, "poison_sets": sources},
                 **({"init": init_info} if init_info else {}),
                 **({"objective": objective.info()} if objective is not None else {}),
+                "precision": {"asked": cfg.precision, "used": precision, "device": device, "gpus": cfg.gpus},
                 "model_cfg": model_cfg, "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])),
                 # per step, as open_clip_train logs it: the backends are compared step by step (tests)
                 "loss_per_step": [round(x, 6) for x in losses],

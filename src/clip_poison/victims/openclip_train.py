@@ -1,7 +1,8 @@
 """Train a victim with OpenCLIP's own trainer (``open_clip_train``), the reference backend.
 
-Runs ``python -m open_clip_train.main`` (through ``_otrain_entry``) in a subprocess on X ∪ P, reads
-its log lines for progress, refuses to call a run "trained" unless a checkpoint was written, and
+Runs ``python -m open_clip_train.main`` (through ``_otrain_entry``) in a subprocess on X ∪ P, or
+under torchrun with one process per GPU when ``TrainConfig.gpus`` > 1 (open_clip_train is DDP-native),
+reads its log lines for progress, refuses to call a run "trained" unless a checkpoint was written, and
 exports the result as an open_clip ``local-dir:`` folder.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from ..config import CAPTION_KEY, IMG_KEY, TrainConfig
 from ..data.csvdata import read_csv_dataset, write_csv_rows
 from ..io import UserError, check_stamped_size, read_manifest, atomic_dir, atomic_write_json, package_versions, sha256_file
+from .device import check_gpus, resolve_precision, train_device
 from .export import export_local_dir, init_weights
 from .models import image_size, model_config
 
@@ -149,21 +151,38 @@ def run_trainer(argv: list[str], env: dict | None, on_line: Callable[[str], None
 
 
 def open_clip_train_argv(cfg: TrainConfig, csv_path: Path | None, logs: Path, n_samples: int,
-                         wds_data: str | None = None) -> list[str]:
+                         wds_data: str | None = None, device: str | None = None) -> list[str]:
+    """open_clip_train's arguments for the recipe; ``device`` (default: this machine's) picks the
+    precision. With N GPUs each rank takes batch_size / N of every batch, and ``--local-loss
+    --gather-with-grad`` (what OpenCLIP's maintainers use and checked equal to the global loss)
+    makes the loss and its gradient those of one contrastive batch of batch_size: the same recipe."""
     lo, hi = cfg.crop_scale
+    ddp = ["--local-loss", "--gather-with-grad"] if cfg.gpus > 1 else []
     data = (["--train-data", wds_data, "--dataset-type", "webdataset"] if wds_data else
             ["--train-data", str(csv_path), "--dataset-type", "csv", "--csv-separator", ",",
              "--csv-img-key", IMG_KEY, "--csv-caption-key", CAPTION_KEY])
     return data + [
         "--train-num-samples", str(n_samples),
-        "--model", cfg.model, "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size),
+        "--model", cfg.model, "--epochs", str(cfg.epochs), "--batch-size", str(cfg.batch_size // cfg.gpus),
         "--lr", str(cfg.lr), "--wd", str(cfg.wd), "--warmup", str(cfg.warmup),
-        # fp32: amp on CPU is ~20x slower (TOOLCHAIN.md).
-        "--precision", "fp32", "--workers", str(cfg.workers), "--seed", str(cfg.seed),
+        "--precision", resolve_precision(cfg.precision, device or train_device()),
+        "--workers", str(cfg.workers), "--seed", str(cfg.seed),
         "--logs", str(logs), "--name", "run", "--save-frequency", "0", "--report-to", "",
         # no ratio=: open_clip ignores it (openclip_crop_ratio), so passing one would only mislead
         "--log-every-n-steps", "1", "--aug-cfg", f"scale=({lo},{hi})",
-    ] + (["--pretrained", str(init_file(cfg.init))] if cfg.init else [])
+    ] + ddp + (["--pretrained", str(init_file(cfg.init))] if cfg.init else [])
+
+
+def trainer_argv(cfg: TrainConfig, n_clean: int, oc_args: list[str]) -> list[str]:
+    """The trainer's command line around open_clip_train's arguments: this interpreter running
+    ``_otrain_entry`` for one device; for ``cfg.gpus`` > 1, torchrun (``torch.distributed.run``, the
+    module behind the ``torchrun`` command, under this interpreter) starting one such process per
+    GPU on this machine (``--standalone``: a free local port, so runs side by side do not collide)."""
+    launcher = [sys.executable]
+    if cfg.gpus > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.gpus)]
+    return launcher + ["-m", "clip_poison.victims._otrain_entry", "--n-clean", str(n_clean),
+                       "--order-seed", str(cfg.seed), "--"] + oc_args
 
 
 def init_file(init: str | Path) -> Path:
@@ -185,17 +204,21 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
     model_cfg = model_config(cfg.model)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be >= 1")
+    check_gpus(cfg)
+    device = train_device()
+    precision = resolve_precision(cfg.precision, device)
     t0 = time.time()
     # checked here (same message as the fast backend), not deep inside the subprocess's log
     init_info = init_weights(cfg.init, model_cfg, cfg.model)[1] if cfg.init else None
-    from ..data.wds import is_wds_spec
+    from ..data.wds import expand_shards, is_wds_spec
 
     wds_data = None
     if is_wds_spec(train_csv):
         # Webdataset input: clean and poison shards are streamed by open_clip_train itself (`::`).
         wds_data, n_clean, n_total, sources = webdataset_inputs(str(train_csv), poison_dirs, image_size(cfg.model))
-        if cfg.workers > 1 + wds_data.count("::"):
-            raise UserError(f"--workers {cfg.workers} exceeds the number of shards; lower --workers")
+        n_shards = sum(len(expand_shards(part)) for part in wds_data.split("::"))
+        if cfg.workers * cfg.gpus > n_shards:  # open_clip_train asserts shards >= workers x GPUs
+            raise UserError(f"--workers {cfg.workers} x --gpus {cfg.gpus} exceeds the {n_shards} shards; lower --workers")
     else:
         paths, caps, n_clean, sources = training_rows(train_csv, poison_dirs, image_size(cfg.model))
         n_total = len(paths)
@@ -209,9 +232,7 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
         if wds_data is None:
             csv_path = work / "train_x_union_p.csv"
             write_csv_rows(csv_path, paths, caps)
-        argv = [sys.executable, "-m", "clip_poison.victims._otrain_entry", "--n-clean", str(n_clean),
-                "--order-seed", str(cfg.seed), "--"] + open_clip_train_argv(cfg, csv_path, work / "logs", n_total,
-                                                                             wds_data)
+        argv = trainer_argv(cfg, n_clean, open_clip_train_argv(cfg, csv_path, work / "logs", n_total, wds_data, device))
         total = cfg.epochs * (n_total // cfg.batch_size) * cfg.batch_size
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         tail: list[str] = []
@@ -244,6 +265,7 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
                          "train_data": wds_data or str(csv_path.name), "format": "wds" if wds_data else "csv",
                          "n_clean": n_clean, "n_poisons": n_total - n_clean, "poison_sets": sources},
                 **({"init": init_info} if init_info else {}),
+                "precision": {"asked": cfg.precision, "used": precision, "device": device, "gpus": cfg.gpus},
                 # as open_clip_train logs it (5 significant digits), one per step
                 "model_cfg": model_cfg, "loss_per_step": losses,
                 "seconds": round(time.time() - t0, 2), "versions": package_versions()}
