@@ -643,7 +643,7 @@ def _inverted_triggers_figure(raws: list[dict], out: Path) -> Path | None:
 
 def _md_table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: ("n/a" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
@@ -668,7 +668,10 @@ def _pooled(sweeps: list[Path]) -> tuple[pd.DataFrame, list[dict], dict]:
     dup = ids[ids.duplicated()].unique().tolist()
     if dup:
         raise UserError(f"runs {dup[:3]} appear in more than one of the sweeps; pool sweeps of different runs")
-    axes = {k: v for m in metas for k, v in (m.get("axes") or {}).items()}
+    # each sweep a group of its own: pooled victims of different recipes (e.g. undefended and
+    # SafeCLIP victims of one attack) are never averaged together
+    axes = {**{k: v for m in metas for k, v in (m.get("axes") or {}).items()},
+            "sweep": [m.get("name", s.name) for m, s in zip(metas, sweeps)]}
     meta = {**metas[0], "name": " + ".join(m.get("name", "?") for m in metas), "axes": axes, "size": None,
             "description": " ".join(m.get("description", "") for m in metas), "report": {}}
     return pd.concat(frames, ignore_index=True), raws, meta
@@ -697,7 +700,10 @@ def build_report(sweep_or_results: str | Path | list, out: str | Path | None = N
     df.to_parquet(buf, index=False)
     atomic_write_bytes(paths["table_parquet"], buf.getvalue())
 
-    plots = (meta.get("report") or {}).get("plots") or _default_plots(meta, df)
+    # pooled mitigation sweeps (victims of different recipes, no shared x axis): fig-mitigate is their figure
+    mitigations = any(r.get("mitigate") or (r.get("config", {}).get("train") or {}).get("defense", "none") != "none"
+                      for r in raws)
+    plots = (meta.get("report") or {}).get("plots") or ([] if mitigations and len(sweeps) > 1 else _default_plots(meta, df))
     name = meta.get("name", sweep.name)
     md = [f"# {name}" + (f" ({meta['size']})" if meta.get("size") else ""), ""]
     if meta.get("figure"):
@@ -733,7 +739,10 @@ def build_report(sweep_or_results: str | Path | list, out: str | Path | None = N
     md += statistics_md(df, axes, metrics, meta.get("axes"))
     md += detection_md(df, axes, meta.get("axes"), (meta.get("defense") or {}).get("scan_data", {}).get("detectors"))
     md += model_scan_md(df, raws, axes, out)
-    md += mitigation_md(raws, out)
+    mit = mitigation_md(raws, out)
+    if mit:
+        paths["figures"].append(out / "fig-mitigate.png")
+    md += mit
     cols = ["run_id", "seed", "clean"] + axes + ["n_poisons", "poison_rate"] + metrics
     runs = df[[c for c in dict.fromkeys(cols) if c in df.columns]].copy()
     if len(sweeps) == 1:  # a pooled report's results live in their own sweeps' folders
