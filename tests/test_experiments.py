@@ -299,6 +299,8 @@ def test_parallel_auto_uses_the_measured_best_for_this_many_cores_else_one(tmp_p
     assert auto_parallel(["rn-tiny-32", "rn-5m-32"], table)[0] == 1  # the smaller best of a sweep's models
     n, why = auto_parallel(["rn-tiny-32", "vit-30m-32"], table)
     assert n == 1 and "no measurement for vit-30m-32" in why
+    atomic_write_json(table, {"cpus": cpu_count(), "best": {"rn-tiny-32": 2}, "quick": True})
+    assert auto_parallel(["rn-tiny-32"], table)[0] == 1
     atomic_write_json(table, {"cpus": cpu_count() + 1, "best": {"rn-tiny-32": 2}})
     n, why = auto_parallel(["rn-tiny-32"], table)
     assert n == 1 and f"measured on {cpu_count() + 1} cores" in why

@@ -68,6 +68,8 @@ def auto_parallel(models: list[str], table: Path = PARALLEL_TABLE) -> tuple[int,
         return 1, (f"--parallel auto: no measurement ({table} is missing; run benchmarks/bench_parallel.py); "
                    "one at a time")
     t = read_json(table)
+    if t.get("quick"):
+        return 1, f"--parallel auto: {table} holds a --quick smoke test, not a measurement; one at a time"
     if t["cpus"] != cpu_count():
         return 1, (f"--parallel auto: {table.name} was measured on {t['cpus']} cores, this machine has {cpu_count()}; "
                    "one at a time (measure here with benchmarks/bench_parallel.py)")
