@@ -43,19 +43,24 @@ from clip_poison.data.world import write_world
 TARGET_SPEEDUP = 1.5
 
 
-def matmul_roofline(n: int = 2048, reps: int = 20, runs: int = 5) -> float:
-    """GFLOP/s of an fp32 n x n matmul loop with torch's default threads, best of ``runs`` (the CPU's
-    practical peak; measured before any arm, with nothing else running)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_runs(n: int = 2048, reps: int = 20, runs: int = 5, dtype: torch.dtype = torch.float32) -> list[float]:
+    """GFLOP/s of each of ``runs`` timings of an n x n matmul loop in ``dtype`` with torch's default threads."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     for _ in range(3):
         a @ b
-    best = 0.0
+    out = []
     for _ in range(runs):
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
-    return best
+        out.append(2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
+    return out
+
+
+def matmul_roofline(n: int = 2048, reps: int = 20, runs: int = 5) -> float:
+    """GFLOP/s of an fp32 n x n matmul loop with torch's default threads, best of ``runs`` (the CPU's
+    practical peak; measured before any arm, with nothing else running)."""
+    return max(matmul_runs(n, reps, runs))
 
 
 def flops_per_sample(model_name: str, batch: int) -> float:

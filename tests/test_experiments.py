@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clip_poison.experiments.executors import LocalExecutor, RayExecutor, run_sweep
+from clip_poison.experiments.executors import (LocalExecutor, RayExecutor, auto_parallel, cpu_count, run_sweep,
+                                               worker_threads)
 from clip_poison.experiments.report import build_report, load_results
 from clip_poison.experiments.spec import expand, load_spec, preset_names, spec_from_dict
 from clip_poison.io import UserError, atomic_write_json
@@ -238,6 +239,79 @@ def test_killed_sweep_resumes_without_recomputing_finished_runs(tmp_path):
         assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime
     assert len(list((out / "results").glob("*.json"))) == 3
     assert run_sweep(load_spec(spec_file), out, LocalExecutor(progress=False))["ran"] == 0
+
+
+# Keys that say how long a run took or where it ran, never what it computed.
+RUN_VOLATILE = {"seconds", "eval_seconds", "timings", "samples_per_second", "host", "versions"}
+
+
+def _computed(x):
+    if isinstance(x, dict):
+        return {k: _computed(v) for k, v in x.items() if k not in RUN_VOLATILE}
+    return [_computed(v) for v in x] if isinstance(x, list) else x
+
+
+@pytest.mark.slow
+def test_parallel_victims_equal_sequential_runs_at_the_same_thread_count(tmp_path):
+    """Two victims at once in two worker processes give the results two runs one after the other
+    give at the workers' thread count (1 each on 2 cores), to the last bit."""
+    import torch
+
+    spec = _spec(seeds=[0, 1], clean_control=False, keep_checkpoints=True)
+    assert run_sweep(spec, tmp_path / "par", LocalExecutor(progress=False, parallel=2))["failed"] == 0
+    threads, before = worker_threads(2), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert run_sweep(spec, tmp_path / "seq", LocalExecutor(progress=False))["failed"] == 0
+    finally:
+        torch.set_num_threads(before)
+    par = {p.name: json.loads(p.read_text()) for p in (tmp_path / "par" / "results").glob("*.json")}
+    seq = {p.name: json.loads(p.read_text()) for p in (tmp_path / "seq" / "results").glob("*.json")}
+    assert sorted(par) == sorted(seq) and len(par) == 2
+    for name, r in par.items():
+        assert r["train"]["threads"] == seq[name]["train"]["threads"] == threads
+        weights = [Path(x["checkpoint"], "open_clip_pytorch_model.bin").read_bytes() for x in (r, seq[name])]
+        assert weights[0] == weights[1], name
+        assert _computed({**r, "checkpoint": 0}) == _computed({**seq[name], "checkpoint": 0}), name
+    a, b = par.values()
+    assert a["train"]["loss_per_step"] != b["train"]["loss_per_step"]  # two seeds, two different victims
+
+
+@pytest.mark.slow
+def test_a_failing_run_in_a_worker_is_recorded_and_the_other_finishes(tmp_path):
+    seen = []
+    s = run_sweep(_spec(axes={"backdoor.patch_size": [64, 2]}, clean_control=False), tmp_path,
+                  LocalExecutor(progress=False, parallel=2), on_result=lambda kind, r: seen.append(r["id"]))
+    assert s == {**s, "n_runs": 2, "ran": 2, "failed": 1} and len(set(seen)) == 2
+    res = {json.loads(p.read_text())["config"]["backdoor"]["patch_size"]: json.loads(p.read_text())
+           for p in (tmp_path / "results").glob("*.json")}
+    assert res[64]["status"] == "failed" and "does not fit" in res[64]["error"]
+    assert res[2]["status"] == "ok" and 0 <= res[2]["metrics"]["backdoor_asr_consistent"] <= 1
+    assert res[2]["train"]["threads"] == worker_threads(2)
+    assert not any((tmp_path / "work").iterdir())
+
+
+def test_parallel_auto_uses_the_measured_best_for_this_many_cores_else_one(tmp_path):
+    table = tmp_path / "parallel.json"
+    assert auto_parallel(["rn-tiny-32"], table)[0] == 1 and "missing" in auto_parallel(["rn-tiny-32"], table)[1]
+    atomic_write_json(table, {"cpus": cpu_count(), "best": {"rn-tiny-32": 2, "rn-5m-32": 1}})
+    assert auto_parallel(["rn-tiny-32", "rn-tiny-32"], table)[0] == 2
+    assert auto_parallel(["rn-tiny-32", "rn-5m-32"], table)[0] == 1  # the smaller best of a sweep's models
+    n, why = auto_parallel(["rn-tiny-32", "vit-30m-32"], table)
+    assert n == 1 and "no measurement for vit-30m-32" in why
+    atomic_write_json(table, {"cpus": cpu_count(), "best": {"rn-tiny-32": 2}, "quick": True})
+    assert auto_parallel(["rn-tiny-32"], table)[0] == 1
+    atomic_write_json(table, {"cpus": cpu_count() + 1, "best": {"rn-tiny-32": 2}})
+    n, why = auto_parallel(["rn-tiny-32"], table)
+    assert n == 1 and f"measured on {cpu_count() + 1} cores" in why
+
+
+def test_parallel_is_a_positive_count_or_auto_and_local_only(bad_input, tmp_path):
+    bad_input(["sweep", "fig2-backdoor", "--parallel", "0", "--out", tmp_path / "s"],
+              what="`sweep --parallel 0`", kind="invalid value", expect=["'auto' or a whole number >= 1"])
+    bad_input(["sweep", "fig2-backdoor", "--parallel", "2", "--executor", "ray", "--out", tmp_path / "s"],
+              what="`sweep --parallel 2 --executor ray`", kind="unsupported", expect=["for the local executor"])
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow

@@ -115,6 +115,7 @@ def test_fast_checkpoint_loads_weights_only_and_is_reproducible(tiny_world, tmp_
     assert (tmp_path / "a" / WEIGHTS).read_bytes() == (tmp_path / "b" / WEIGHTS).read_bytes()  # same seed, same bytes
     recorded = json.loads((tmp_path / "a" / "train.json").read_text())
     assert recorded["fast_options"] == info["fast_options"] and recorded["fast_options"]["optimizer_impl"] == "fused"
+    assert recorded["threads"] == torch.get_num_threads()  # CPU results depend on it: each result says it
 
 
 @pytest.mark.slow

@@ -51,6 +51,8 @@ POS_FLOAT = _checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
 NONNEG_FLOAT = _checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 FRACTION = _checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 CROP = _checked(float, lambda v: 0 < v <= 1, "a crop scale in (0, 1]")
+PARALLEL = _checked(lambda t: t if t == "auto" else int(t), lambda v: v == "auto" or v >= 1,
+                    "'auto' or a whole number >= 1")
 N_TARGETED = _checked(int, lambda v: 1 <= v <= MAX_TARGETED_POISONS,
                       f"a whole number from 1 to {MAX_TARGETED_POISONS:,}")
 # '\t' typed in a shell arrives as backslash-t; a one-character separator is what both CSV readers take.
@@ -303,8 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="a size defined in the spec (presets: quick, paper)")
     p.add_argument("--out", default=None, help="sweep folder (default runs/sweeps/NAME-SIZE); rerun to resume")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local = one run at a time here; ray = one Ray task per run")
+                   help="local = on this machine (one run at a time, or --parallel N at once); ray = one Ray task per run")
     p.add_argument("--address", default=None, help="Ray cluster address (auto, host:port); default starts a local Ray")
+    p.add_argument("--parallel", type=PARALLEL, default=1,
+                   help="local: victims trained at once, each in its own process with cores/N torch threads (1 = one "
+                   "at a time in this process; auto = the best N benchmarks/bench_parallel.py measured for the "
+                   "sweep's models on this many cores, else 1). CPU results depend on the thread count (recorded as "
+                   "train.threads), so a sweep repeats bitwise at the same --parallel")
     p.add_argument("--keep-checkpoints", action="store_true", default=None, help="keep each run's victim checkpoint")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished, run nothing")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
@@ -608,13 +615,16 @@ def cmd_scan_model(a) -> int:
 def cmd_sweep(a) -> int:
     from rich.console import Console
 
-    from .experiments.executors import LocalExecutor, RayExecutor, plan, run_sweep
-    from .experiments.spec import load_spec, preset_names
+    from .experiments.executors import LocalExecutor, RayExecutor, auto_parallel, plan, run_sweep
+    from .experiments.spec import expand, load_spec, preset_names
 
     console = Console()
     if a.list or not a.spec:
         console.print("presets: " + ", ".join(preset_names()) + "  (sizes: quick, paper)")
         return 0 if a.list else 2
+    if a.parallel != 1 and a.executor != "local":
+        raise UserError(f"--parallel {a.parallel} is for the local executor; on Ray each run is a task and the spec's "
+                        "resources (num_cpus per run) decide how many run at once")
     spec = load_spec(a.spec, a.size)
     out = Path(a.out or f"runs/sweeps/{spec.name}-{a.size or 'default'}")
     if a.dry_run:
@@ -625,7 +635,12 @@ def cmd_sweep(a) -> int:
             console.print(f"{r['id']}  seed {r['config']['seed']}  {label}  {'todo' if r['id'] in todo_ids else 'done'}")
         console.print(f"{len(runs)} runs, {len(runs) - len(todo)} finished")
         return 0
-    ex = RayExecutor(address=a.address, resources=spec.resources) if a.executor == "ray" else LocalExecutor()
+    parallel = a.parallel
+    if parallel == "auto":
+        parallel, why = auto_parallel([r["config"]["train"]["model"] for r in expand(spec)])
+        console.print(why)
+    ex = (RayExecutor(address=a.address, resources=spec.resources) if a.executor == "ray"
+          else LocalExecutor(parallel=parallel))
     s = run_sweep(spec, out, ex, keep_checkpoints=a.keep_checkpoints)
     console.print(f"sweep {spec.name} ({a.size}): {s['n_runs']} runs, {s['skipped']} already finished, "
                   f"{s['ran']} ran, {s['failed']} failed, {s['seconds']:.0f} s; results in {out / 'results'}")

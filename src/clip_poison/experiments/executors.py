@@ -1,4 +1,5 @@
-"""Where sweep runs execute: one at a time in this process (local), or as Ray tasks (a cluster).
+"""Where sweep runs execute: here (local: one at a time in this process, or N at once in N worker
+processes), or as Ray tasks (a cluster).
 
 Both executors take the same run list, skip runs whose ``results/<id>.json`` is already ok (so a
 killed sweep resumes), and end with every run's result JSON in ``SWEEP/results``. Rich progress
@@ -6,15 +7,18 @@ lives here (and in cli.py) only; the runner itself never prints.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
-from ..io import UserError, atomic_write_json
+from ..io import UserError, atomic_write_json, read_json
 from .runner import execute_run, finished, result_path
 from .spec import SweepSpec, expand
 
 Event = Callable[[str, dict], None]
+# Best victims at once per model, measured by benchmarks/bench_parallel.py (``--parallel auto``).
+PARALLEL_TABLE = Path(__file__).resolve().parents[3] / "docs" / "results" / "speed" / "parallel.json"
 
 
 def plan(spec: SweepSpec, sweep_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -41,11 +45,72 @@ def _record(res: dict, results: list[dict], prog, task, on_result: Event | None)
     prog.advance(task)
 
 
-class LocalExecutor:
-    """Runs one at a time in this process (a 2-core laptop must never train two victims at once)."""
+def _failed(run: dict, error: str) -> dict:
+    """The result of a run whose process died before it could say how the run went."""
+    return {"id": run["id"], "clean": run["clean"], "point": run["point"], "config": run["config"],
+            "seed": run["config"]["seed"], "sweep": run.get("sweep", {}), "status": "failed", "error": error}
 
-    def __init__(self, progress: bool = True):
-        self.progress = progress
+
+def cpu_count() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_threads(parallel: int) -> int:
+    """Torch threads of each of ``parallel`` victims at once: the cores split between them."""
+    return max(1, cpu_count() // parallel)
+
+
+def auto_parallel(models: list[str], table: Path = PARALLEL_TABLE) -> tuple[int, str]:
+    """(victims at once, why) for a sweep training ``models``: the smallest best N that
+    ``benchmarks/bench_parallel.py`` measured for them on a machine with this many cores, else 1."""
+    if not table.is_file():
+        return 1, (f"--parallel auto: no measurement ({table} is missing; run benchmarks/bench_parallel.py); "
+                   "one at a time")
+    t = read_json(table)
+    if t.get("quick"):
+        return 1, f"--parallel auto: {table} holds a --quick smoke test, not a measurement; one at a time"
+    if t["cpus"] != cpu_count():
+        return 1, (f"--parallel auto: {table.name} was measured on {t['cpus']} cores, this machine has {cpu_count()}; "
+                   "one at a time (measure here with benchmarks/bench_parallel.py)")
+    missing = sorted(set(models) - set(t["best"]))
+    if missing:
+        return 1, f"--parallel auto: no measurement for {', '.join(missing)} in {table.name}; one at a time"
+    n = min(t["best"][m] for m in models)
+    return n, (f"--parallel auto: {n} at a time, {worker_threads(n)} threads each (best measured for "
+               f"{', '.join(sorted(set(models)))} on {t['cpus']} cores, {table.name})")
+
+
+def _init_worker(threads: int) -> None:
+    """A fresh (spawned) worker: the thread split is set before torch is imported here."""
+    import logging
+    import warnings
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _worker_run(run: dict, sweep_dir: str, keep_checkpoints: bool) -> dict:
+    return execute_run(run, sweep_dir, keep_checkpoints=keep_checkpoints, write=False)
+
+
+class LocalExecutor:
+    """Runs on this machine: one at a time in this process (``parallel=1``, torch's default threads),
+    or ``parallel`` at once, each in its own worker process with ``worker_threads(parallel)`` torch
+    threads (workers are spawned, never forked: torch's thread pools do not survive a fork). CPU
+    results depend on the thread count (``train.threads`` in each result records it), so a run
+    gives the same bytes whenever it is repeated with the same ``parallel`` on the same machine.
+    The workers share the sweep folder (worlds are rendered once, under a lock); the parent writes
+    every ``results/<id>.json``."""
+
+    def __init__(self, progress: bool = True, parallel: int = 1):
+        if parallel < 1:
+            raise UserError(f"--parallel {parallel}: run at least one victim at a time (1 = one at a time)")
+        self.progress, self.parallel = progress, parallel
 
     def run(self, runs: list[dict], sweep_dir: str | Path, keep_checkpoints: bool = False,
             on_result: Event | None = None) -> list[dict]:
@@ -55,6 +120,9 @@ class LocalExecutor:
         results = []
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), disable=not self.progress) as prog:
+            if self.parallel > 1:
+                self._run_parallel(runs, Path(sweep_dir), keep_checkpoints, on_result, results, prog)
+                return results
             # ETA of the sweep in training samples, so one long run does not stall the estimate.
             total = prog.add_task(f"sweep ({len(runs)} runs)", total=len(runs))
             cur = prog.add_task("", total=None, visible=False)
@@ -66,6 +134,29 @@ class LocalExecutor:
                                   progress=lambda d, t: prog.update(cur, completed=d, total=t))
                 _record(res, results, prog, total, on_result)
         return results
+
+    def _run_parallel(self, runs: list[dict], sweep_dir: Path, keep_checkpoints: bool, on_result: Event | None,
+                      results: list[dict], prog) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = worker_threads(self.parallel)  # from --parallel, not from the runs left: a resumed run computes alike
+        total = prog.add_task(f"sweep ({len(runs)} runs, {self.parallel} at a time, "
+                              f"{threads} thread{'s' * (threads > 1)} each)", total=len(runs))
+        pool = ProcessPoolExecutor(min(self.parallel, len(runs)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(threads,))
+        try:
+            futures = {pool.submit(_worker_run, r, str(sweep_dir), keep_checkpoints): r for r in runs}
+            for f in as_completed(futures):
+                try:
+                    res = f.result()
+                except Exception as e:  # a worker died (killed, out of memory): the pool cannot run the rest
+                    res = _failed(futures[f], f"worker process died ({type(e).__name__}: {e}); rerun the sweep to "
+                                              "retry it (finished results are kept)")
+                atomic_write_json(result_path(sweep_dir, res["id"]), res)
+                _record(res, results, prog, total, on_result)
+        finally:  # interrupted: runs not started are dropped (a rerun resumes them), running ones end
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RayExecutor:
@@ -113,10 +204,8 @@ class RayExecutor:
                     try:
                         out = ray.get(done[0])
                     except Exception as e:  # the worker died on every attempt (OOM, node lost): record it
-                        out = {"id": r["id"], "clean": r["clean"], "point": r["point"], "config": r["config"],
-                               "seed": r["config"]["seed"], "sweep": r.get("sweep", {}), "status": "failed",
-                               "error": f"ray task failed (a dead worker is retried {self.MAX_RETRIES} times): "
-                                        f"{type(e).__name__}: {e}"}
+                        out = _failed(r, f"ray task failed (a dead worker is retried {self.MAX_RETRIES} times): "
+                                         f"{type(e).__name__}: {e}")
                     atomic_write_json(result_path(sweep_dir, out["id"]), out)
                     _record(out, results, prog, bar, on_result)
         finally:

@@ -9,8 +9,8 @@ Layout of a sweep folder::
                            unless keep_checkpoints)
     results/<run id>.json  status ok|failed, resolved config, seed, versions, metrics
 
-``execute_run`` is a plain function with no printing, so the local executor calls it in-process
-and the Ray executor ships it to a worker unchanged.
+``execute_run`` is a plain function with no printing, so the local executor calls it in-process (or
+in its worker processes) and the Ray executor ships it to a worker unchanged.
 """
 from __future__ import annotations
 

@@ -319,6 +319,8 @@ def train_fast(train_csv: str | Path, poison_dirs: list[str | Path], cfg: TrainC
                 **({"init": init_info} if init_info else {}),
                 **({"objective": objective.info()} if objective is not None else {}),
                 "precision": {"asked": cfg.precision, "used": precision, "device": device, "gpus": cfg.gpus},
+                # CPU results depend on it (reductions split over threads sum in another order)
+                "threads": torch.get_num_threads(),
                 "model_cfg": model_cfg, "final_loss": float(np.mean(losses[-max(1, steps_per_epoch // 4):])),
                 # per step, as open_clip_train logs it: the backends are compared step by step (tests)
                 "loss_per_step": [round(x, 6) for x in losses],

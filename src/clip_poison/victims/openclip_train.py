@@ -235,6 +235,8 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
         argv = trainer_argv(cfg, n_clean, open_clip_train_argv(cfg, csv_path, work / "logs", n_total, wds_data, device))
         total = cfg.epochs * (n_total // cfg.batch_size) * cfg.batch_size
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if cfg.gpus == 1:  # the trainer computes with this process's threads (torchrun gives each rank 1 unless set)
+            env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
         tail: list[str] = []
         losses: list[float] = []
 
@@ -266,6 +268,7 @@ def train_open_clip_train(train_csv: str | Path, poison_dirs: list[str | Path], 
                          "n_clean": n_clean, "n_poisons": n_total - n_clean, "poison_sets": sources},
                 **({"init": init_info} if init_info else {}),
                 "precision": {"asked": cfg.precision, "used": precision, "device": device, "gpus": cfg.gpus},
+                "threads": int(env.get("OMP_NUM_THREADS", 1)),  # per process; CPU results depend on it
                 # as open_clip_train logs it (5 significant digits), one per step
                 "model_cfg": model_cfg, "loss_per_step": losses,
                 "seconds": round(time.time() - t0, 2), "versions": package_versions()}

@@ -1,0 +1,127 @@
+"""How close the fast backend's training step comes to the CPU's matmul peak (issue goal: ≥ 50 % of
+the fp32 peak, for later work; this script only measures).
+
+peak: GFLOP/s of a 2048² square matmul loop in fp32 and in bf16 at torch's default thread count,
+  best of --runs (≥ 5) timings after a warm-up (the practical peak; bench_backends.matmul_runs).
+step: the fast backend's own training loop (`train_victim`, FastOptions defaults, rn-tiny-32,
+  batch 128, the laptop recipe) on a synthetic world just large enough for --warmup-steps +
+  --steps steps in one epoch; samples/s over the --steps steps after the warm-up, from the
+  per-step progress callback (the loop's real steps: forward, loss, backward, fused AdamW, the
+  logit-scale clamp), in fp32 and in bf16 autocast.
+FLOPs per sample: FlopCounterMode over one forward + backward with the CLIP loss
+  (bench_backends.flops_per_sample; matmuls and convolutions only, elementwise work is not counted).
+% of peak = samples/s × FLOPs per sample / peak.
+
+Writes docs/results/speed/roofline.{json,md}. The peak is only a peak when nothing else runs: run
+it alone, without OMP_NUM_THREADS (the load average before the run is recorded):
+
+    flock /tmp/cpu.lock python benchmarks/bench_roofline.py
+    python benchmarks/bench_roofline.py --quick      # smoke test of the script, not a measurement
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from bench_backends import flops_per_sample, matmul_runs
+from clip_poison.config import TrainConfig, WorldConfig
+from clip_poison.data.world import write_world
+from clip_poison.experiments.executors import cpu_count
+from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
+from clip_poison.victims.train import train_victim
+
+GOAL = 0.5  # of the fp32 peak (issue 17)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def step_throughput(world: Path, cfg: TrainConfig, warmup: int, steps: int, out: Path) -> dict:
+    """samples/s of the fast backend's loop over ``steps`` steps after ``warmup`` steps."""
+    marks: list[float] = []
+    info = train_victim(world / "train.csv", [], cfg, out, progress=lambda d, t: marks.append(time.perf_counter()))
+    assert len(marks) >= warmup + steps, f"{len(marks)} steps ran, {warmup + steps} wanted"
+    return {"samples_per_s": cfg.batch_size * steps / (marks[warmup + steps - 1] - marks[warmup - 1]),
+            "precision_used": info["precision"]["used"], "threads": info["threads"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="rn-tiny-32")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--matmul-n", type=int, default=2048)
+    ap.add_argument("--runs", type=int, default=5, help="matmul timings; the best is the peak")
+    ap.add_argument("--warmup-steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs; not a result")
+    ap.add_argument("--out", default=None, help="default docs/results/speed (--quick: runs/bench-quick/speed)")
+    a = ap.parse_args()
+    if a.quick:
+        a.batch_size, a.matmul_n, a.warmup_steps, a.steps = 32, 256, 1, 3
+    elif a.runs < 5:
+        ap.error("--runs must be >= 5 (the peak is the best of several timings)")
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    load_before = os.getloadavg()
+    threads = torch.get_num_threads()
+
+    peak = {}
+    for name, dtype in DTYPES.items():  # before any training, with nothing else in this process
+        runs = matmul_runs(a.matmul_n, reps=2 if a.quick else 20, runs=a.runs, dtype=dtype)
+        peak[name] = {"best_gflops": max(runs), "runs_gflops": [round(x, 1) for x in runs]}
+        print(f"{a.matmul_n}² {name} matmul, {threads} threads: best {max(runs):.0f} GFLOP/s "
+              f"(runs {', '.join(f'{x:.0f}' for x in runs)})", flush=True)
+    fps = flops_per_sample(a.model, a.batch_size)
+    print(f"{a.model}: {fps / 1e6:.1f} MFLOP per training sample (forward + backward, FlopCounterMode)", flush=True)
+
+    step = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        n = a.batch_size * (a.warmup_steps + a.steps)
+        write_world(WorldConfig(seed=0, n_train=n, n_eval=10), tmp / "world")
+        for name in DTYPES:
+            cfg = TrainConfig(model=a.model, epochs=1, batch_size=a.batch_size, precision=name)
+            r = step_throughput(tmp / "world", cfg, a.warmup_steps, a.steps, tmp / f"victim-{name}")
+            gflops = r["samples_per_s"] * fps / 1e9
+            step[name] = {**r, "gflops": gflops, "fraction_of_fp32_peak": gflops / peak["fp32"]["best_gflops"],
+                          "fraction_of_own_peak": gflops / peak[name]["best_gflops"]}
+            print(f"training step, {name}: {r['samples_per_s']:.0f} samples/s = {gflops:.0f} GFLOP/s, "
+                  f"{100 * step[name]['fraction_of_fp32_peak']:.0f} % of the fp32 peak", flush=True)
+
+    doc = {"model": a.model, "batch_size": a.batch_size, "threads": threads, "matmul_n": a.matmul_n, "peak": peak,
+           "flops_per_sample": fps, "warmup_steps": a.warmup_steps, "steps": a.steps, "step": step,
+           "goal_fraction_of_fp32_peak": GOAL, "quick": a.quick, "cpus": cpu_count(),
+           "load_average_before": [round(x, 2) for x in load_before], "host": os.uname().nodename,
+           "versions": package_versions()}
+    lines = [f"# Roofline: the fast backend's training step against the matmul peak ({a.model}, batch {a.batch_size}, "
+             f"{threads} threads{', QUICK SMOKE TEST, not a measurement' if a.quick else ''})", "",
+             f"Peak: a {a.matmul_n}² matmul loop, best of {a.runs} timings. Step: samples/s over {a.steps} steps of the "
+             f"fast backend's loop after {a.warmup_steps} warm-up steps. FLOPs: {fps / 1e6:.1f} MFLOP per training sample "
+             "(forward + backward, FlopCounterMode: matmuls and convolutions). Load average before the run: "
+             f"{', '.join(f'{x:.2f}' for x in load_before)} (the peak is only a peak on an otherwise idle machine). "
+             "Produced by `benchmarks/bench_roofline.py`.", "",
+             "| precision | matmul peak GFLOP/s (best; all runs) | step samples/s | step GFLOP/s | % of fp32 peak | "
+             "% of this precision's peak |", "| --- | --- | --- | --- | --- | --- |"]
+    for name in DTYPES:
+        p, s = peak[name], step[name]
+        lines.append(f"| {name} | {p['best_gflops']:.0f} ({', '.join(f'{x:.0f}' for x in p['runs_gflops'])}) | "
+                     f"{s['samples_per_s']:.0f} | {s['gflops']:.0f} | {100 * s['fraction_of_fp32_peak']:.0f} % | "
+                     f"{100 * s['fraction_of_own_peak']:.0f} % |")
+    lines += ["", f"Goal (issue 17, later work): ≥ {100 * GOAL:.0f} % of the fp32 peak for the fp32 training step; "
+              f"measured {100 * step['fp32']['fraction_of_fp32_peak']:.0f} %."]
+    text = "\n".join(lines)
+    print("\n" + text)
+    out = Path(a.out or ("runs/bench-quick/speed" if a.quick else "docs/results/speed"))
+    atomic_write_json(out / "roofline.json", doc)
+    atomic_write_bytes(out / "roofline.md", (text + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
