@@ -465,6 +465,7 @@ def mitigation_rows(raws: list[dict]) -> pd.DataFrame:
 
         def row(method: str, m: dict, order: float, **extra) -> dict:
             return {"method": method, "order": order, "seed": r["seed"], "attack": r["attack"],
+                    "n_targets": int(r["config"].get("n_targets", 1)) if r["attack"] == "targeted" else None,
                     "asr": m.get(asr), "probe_asr": m.get(pasr), "accuracy": m.get("zeroshot_accuracy"),
                     "probe_accuracy": m.get("probe_accuracy"), **extra}
         if r["clean"]:
@@ -506,9 +507,15 @@ def mitigation_md(raws: list[dict], out: Path) -> list[str]:
                 row[name] = _interval(v)
                 if "ASR" in name:
                     row[f"{name.split()[0]} works"] = f"{int((v > 0.5).sum())}/{v.size}"
+        if g["n_targets"].notna().all():  # a targeted rate over 4 targets hides counts: give them
+            for c, name in (("asr", "targets moved"), ("probe_asr", "probe: targets moved")):
+                v = g[[c, "n_targets"]].dropna()
+                if len(v):
+                    row[name] = f"{int(round((v[c] * v['n_targets']).sum()))}/{int(v['n_targets'].sum())}"
         if "poisons_removed" in g and g["poisons_removed"].notna().any():
-            row["poisons removed"] = (f"{g['poisons_removed'].mean():.0f} of {g['n_poisons'].mean():.0f} "
-                                      f"({g['poisons_removed'].sum() / g['n_poisons'].sum():.0%})")
+            pr = g["poisons_removed"].astype(int)
+            row["poisons removed per seed"] = (f"{pr.min()}–{pr.max()} of {int(g['n_poisons'].iloc[0])} "
+                                               f"({pr.sum() / g['n_poisons'].sum():.1%} in all)")
         rows.append(row)
     lines += [_md_table(pd.DataFrame(rows).fillna("")), ""]
     fig = _mitigation_figure(t)
