@@ -98,6 +98,11 @@ def test_filter_removes_exactly_the_top_ranked_rows(mitigated, tmp_path):
     dropped = set(pairs["ref"]) - set(kept["filepath"])
     assert len(kept) == 440 - 44 and len(dropped) == 44
     assert min(scores[pairs["ref"].isin(dropped)]) >= max(scores[~pairs["ref"].isin(dropped)])
+    before_x = sha256_tree(world)
+    for inp in (world / "train.csv", poisons / "poisons.csv"):  # the scanned data is an input: never replaced
+        assert main(["scan", "filter", "--scan", str(tmp_path / "scan"), "--detector", "clip-score", "--out", str(inp),
+                     "--overwrite"]) == 2
+    assert sha256_tree(world) == before_x
     f = next(x for x in pois["mitigate"]["filter"] if x["detector"] == "clip-score")
     assert f["poisons_removed"] == int(pairs[pairs["ref"].isin(dropped)]["source"].ne("data").sum())
     assert sha256_tree(ckpt) == before  # repairs and scans only read the victim

@@ -272,6 +272,7 @@ def scan_data(data, checkpoint, out, poison_dirs=(), detectors=DEFAULT_DETECTORS
               progress: Progress | None = None) -> dict:
     """The CLI's stage: scan, write the folder (module docstring), return metrics.json's content."""
     import pandas as pd
+    from ..data.wds import is_wds_spec
     from ..io import check_out
 
     t0 = time.time()
@@ -293,7 +294,8 @@ def scan_data(data, checkpoint, out, poison_dirs=(), detectors=DEFAULT_DETECTORS
     scores, seconds = run_detectors(s, detectors, k, ref_emb, clean_model, loss)
     metrics = {"detection": detection_table(s, scores, seed) if s.poison_sets else {},
                "seconds_per_detector": seconds, "n_rows": len(s.refs), "poison_sets": s.poison_sets,
-               "data": s.fingerprint, "detectors": list(scores), "k": k, "clean_model": clean_model,
+               "data": {**s.fingerprint, "path": str(data) if is_wds_spec(data) else str(Path(data).resolve())},
+               "detectors": list(scores), "k": k, "clean_model": clean_model,
                "reference": None if reference is None else {"root": str(reference), "split": reference_split,
                                                             "n": int(len(ref_emb))}}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -337,7 +339,6 @@ def filter_scan(scan_dir, detector: str, fraction: float, out, overwrite: bool =
     for f in ("scores.parquet", "pairs.parquet", "metrics.json"):
         if not (scan_dir / f).is_file():
             raise UserError(f"{scan_dir} has no {f}; pass a folder written by `clip-poison scan data`")
-    check_out(out, [scan_dir], overwrite, file=True)
     try:
         scores, pairs = pd.read_parquet(scan_dir / "scores.parquet"), pd.read_parquet(scan_dir / "pairs.parquet")
         sc = scores[scores["detector"] == detector].sort_values("row")
@@ -351,9 +352,13 @@ def filter_scan(scan_dir, detector: str, fraction: float, out, overwrite: bool =
     if not (np.array_equal(rows, np.arange(len(pairs))) and np.array_equal(sc["row"].to_numpy(), rows)):
         raise UserError(f"{scan_dir}: scores.parquet and pairs.parquet do not cover the same rows; run "
                         "`clip-poison scan data` again")
-    if read_json(scan_dir / "metrics.json", what="scan metrics").get("data", {}).get("kind") != "csv":
+    meta = read_json(scan_dir / "metrics.json", what="scan metrics")
+    if meta.get("data", {}).get("kind") != "csv":
         raise UserError(f"{scan_dir} is a scan of webdataset shards, whose rows are shard:key, not image paths; "
                         "filter-and-retrain needs a scan of CSV data")
+    # the scanned data, its poison sets and its images' folders are inputs too: --overwrite never replaces them
+    check_out(out, [scan_dir, meta["data"].get("path"), *(p.get("dir") for p in meta.get("poison_sets", [])),
+                    *sorted({str(Path(r).parent) for r in refs})], overwrite, file=True)
     drop = top_fraction(sc["score"].to_numpy(), fraction)
     keep = np.setdiff1d(np.arange(len(pairs)), drop)
     missing = [refs[i] for i in keep if not Path(refs[i]).is_absolute() or not Path(refs[i]).is_file()]
