@@ -19,24 +19,18 @@ docs/results/defenses/mitigate/bench-defense-cost.{json,md}. Run it alone (2 cor
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from cli_timing import ROOT, cifar_backdoor_world, timed, write_cost_table
+from cli_timing import ROOT, cifar_backdoor_world, cost_args, timed, write_cost_table
 
 OUT = ROOT / "docs" / "results" / "defenses" / "mitigate"
 
 
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-train", type=int, default=10_000)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=OUT)
-    a = ap.parse_args()
+    a = cost_args(__doc__, OUT)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

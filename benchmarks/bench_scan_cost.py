@@ -14,23 +14,17 @@ Run it alone (2 cores): ``python benchmarks/bench_scan_cost.py [--repeats 3]`` f
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-from cli_timing import CIFAR, ROOT, cifar_backdoor_world, timed, write_cost_table
+from cli_timing import CIFAR, ROOT, cifar_backdoor_world, cost_args, timed, write_cost_table
 
 OUT = ROOT / "docs" / "results" / "defenses"
 DETECTORS = "near-duplicate,k-dist,slof,dao,clip-score,loss-dynamics"
 
 
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-train", type=int, default=10_000)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=OUT)
-    a = ap.parse_args()
+    a = cost_args(__doc__, OUT)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

@@ -51,3 +51,14 @@ def write_cost_table(out: Path, stem: str, title: str, setup: str, runs: list[di
                                              "repeats": len(runs), **extra, "versions": package_versions()})
     atomic_write_bytes(out / f"{stem}.md", text.encode())
     return text
+
+
+def cost_args(doc: str, out: Path):
+    """The end-to-end cost benchmarks' arguments: --n-train photos, --repeats, --out folder."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--n-train", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=out)
+    return ap.parse_args()
