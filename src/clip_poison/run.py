@@ -170,13 +170,22 @@ def _eval_attacks(cfg: dict) -> list[tuple[str, dict]]:
     return [(e["attack"], a) for e in ([ev] if isinstance(ev, dict) else ev) for a in e["configs"]]
 
 
+def write_pairs(out: Path, paths: list[str], captions: list[str], rows) -> Path:
+    """Rows ``rows`` of a training set (absolute image paths) as an OpenCLIP CSV: the run's own
+    subsets (fine-tune split, repair data, filtered X ∪ P)."""
+    from .data.csvdata import write_csv_rows
+
+    write_csv_rows(out, [paths[i] for i in rows], [captions[i] for i in rows])
+    return out
+
+
 def finetune_split(cfg: dict, world: Path, work: Path, progress: Progress | None = None,
                    say: Stage | None = None) -> tuple[Path, str | None]:
     """The fine-tuning threat model (``config.FinetuneConfig``): the world's training pairs in two
     seeded parts written as CSVs under ``work``, the clean pretrained model when the run starts from
     it. Returns the fine-tune CSV (the victim's X) and the checkpoint the victim starts from."""
     from .config import FinetuneConfig
-    from .data.csvdata import read_csv_dataset, write_csv_rows
+    from .data.csvdata import read_csv_dataset
     from .victims.train import train_victim
 
     ft = FinetuneConfig(**cfg["finetune"])
@@ -187,7 +196,7 @@ def finetune_split(cfg: dict, world: Path, work: Path, progress: Progress | None
     n_pre = int(round(ft.pretrain_fraction * len(x)))
     parts = {"pretrain": np.sort(order[:n_pre]), "finetune": np.sort(order[n_pre:])}
     for name, rows in parts.items():
-        write_csv_rows(work / f"{name}.csv", [x.paths[i] for i in rows], [x.captions[i] for i in rows])
+        write_pairs(work / f"{name}.csv", x.paths, x.captions, rows)
     init = None if ft.init == "scratch" else ft.init
     if ft.init == "pretrained":
         init = str(work / "pretrained")
@@ -202,13 +211,13 @@ def finetune_split(cfg: dict, world: Path, work: Path, progress: Progress | None
 def repair_data(train_csv: Path, n: int, seed: int, out: Path) -> Path:
     """The clean pairs a repair fine-tunes on: a seeded subset of X (never P), as CleanCLIP's clean
     subset of the pre-training data."""
-    from .data.csvdata import read_csv_dataset, write_csv_rows
+    from .data.csvdata import read_csv_dataset
 
     x = read_csv_dataset(train_csv)
     if not 1 <= n <= len(x):
         raise UserError(f"defense.repair.n_clean is {n}; it must be between 1 and |X| = {len(x)}")
     rows = np.sort(rng_for(seed, "mitigate/repair-data").choice(len(x), n, replace=False))
-    write_csv_rows(out, [x.paths[i] for i in rows], [x.captions[i] for i in rows])
+    write_pairs(out, x.paths, x.captions, rows)
     return out
 
 
@@ -219,7 +228,6 @@ def mitigate(cfg: dict, tcfg: TrainConfig, train_csv: Path, train_dirs: list[Pat
     (``defense.filter``: the data scan's top-ranked pairs removed, the victim's recipe from scratch).
     Robust training is a victim of its own (``train.defense``), not a step here."""
     from .config import RepairConfig
-    from .data.csvdata import write_csv_rows
     from .defenses.repair import repair
     from .defenses.scan_data import top_fraction
     from .victims.openclip_train import training_rows
@@ -248,7 +256,7 @@ def mitigate(cfg: dict, tcfg: TrainConfig, train_csv: Path, train_dirs: list[Pat
             say(f"defenses: retraining without the {n_drop} pairs {det} ranks most suspicious")
             t0 = time.time()
             csv = work / f"filter-{det}.csv"
-            write_csv_rows(csv, [paths[i] for i in keep], [caps[i] for i in keep])
+            write_pairs(csv, paths, caps, keep)
             train_victim(csv, [], tcfg, work / f"filter-{det}")
             out["filter"].append({"detector": det, "fraction": d["filter"]["fraction"], "n_removed": n_drop,
                                   "poisons_removed": int((drop >= n_clean).sum()), "n_poisons": len(sc) - n_clean,
