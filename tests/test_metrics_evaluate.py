@@ -43,8 +43,8 @@ def counting(monkeypatch):
     seen = []
     real = evaluate_mod.load_victim
 
-    def load(d):
-        model, pre, tok = real(d)
+    def load(d, device="cpu"):
+        model, pre, tok = real(d, device=device)
         enc = model.encode_image
 
         def counted(x, normalize=False):
@@ -84,6 +84,30 @@ def test_second_evaluation_loads_embeddings_from_cache(setup, counting, tmp_path
     fifth = evaluate_checkpoint(root / "ckpt", load_evalset(ev.source, max_n=30),
                                 [mb], cache_dir=cache)
     assert fifth["embedding_cache"]["hits"] == 0
+
+
+def test_evaluation_runs_on_the_training_device_and_keys_its_cache_by_it(setup, monkeypatch, tmp_path):
+    """The victim is evaluated where victims train (victims.device.train_device: the GPU when torch
+    sees one), and embeddings computed on another device are another cache entry (its kernels round
+    differently); CPU keys carry no device field, so caches written before devices were keyed hit."""
+    from clip_poison.metrics.embed import cache_key
+
+    root, ev, mt, mb, _ = setup
+    asked, real = [], evaluate_mod.load_victim
+
+    def load(d, device="cpu"):
+        asked.append(device)
+        return real(d, device="cpu")  # no GPU here: the model stays on the CPU whatever was asked
+
+    monkeypatch.setattr(evaluate_mod, "load_victim", load)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(evaluate_mod, "train_device", lambda: "cpu")
+    cpu = evaluate_checkpoint(root / "ckpt", ev, [], metrics="zeroshot", cache_dir=cache)
+    monkeypatch.setattr(evaluate_mod, "train_device", lambda: "cuda")
+    gpu = evaluate_checkpoint(root / "ckpt", ev, [], metrics="zeroshot", cache_dir=cache)
+    assert asked == ["cpu", "cuda"] and (cpu["device"], gpu["device"]) == ("cpu", "cuda")
+    assert cpu["embedding_cache"]["misses"] == 1 and gpu["embedding_cache"]["misses"] == 1
+    assert "device" not in cache_key("w", {"e": 1}) and cache_key("w", {"e": 1}, device="cuda")["device"] == "cuda"
 
 
 def test_default_cache_lives_in_the_checkpoint_and_can_be_turned_off(setup, counting):

@@ -122,14 +122,18 @@ def embed_images(model, preprocess: Compose, images: list[np.ndarray], trigger=N
 
 
 def cache_key(weights_sha256: str, evalset_identity: dict, trigger=None, placement: str | None = None,
-              seed: int | None = None, preprocess_cfg: dict | None = None) -> dict:
+              seed: int | None = None, preprocess_cfg: dict | None = None, device: str = "cpu") -> dict:
     """Everything the embeddings depend on: the checkpoint's weights and ``preprocess_cfg`` (size,
     mean/std, interpolation: open_clip_config.json), the eval set (its identity, which includes a
     hash of the decoded pixels: names alone once served a changed set's stale embeddings), and
     for triggered images the trigger's (an ``attacks.triggers.Trigger``) actual pixels and parameters
-    (so a redefined trigger misses), placement and the seed of random positions. Clean embeddings do not depend on placement or seed."""
+    (so a redefined trigger misses), placement and the seed of random positions. Clean embeddings do not depend on placement or seed.
+    ``device``: where the embeddings were computed (a GPU's kernels round differently from the CPU's);
+    CPU keys are as before devices were keyed, so their caches still hit."""
     key = {"version": CACHE_VERSION, "weights_sha256": weights_sha256, "preprocess_cfg": preprocess_cfg,
            "evalset": evalset_identity, "trigger": None, "placement": None, "seed": None}
+    if device != "cpu":
+        key["device"] = device
     if trigger is not None:
         # a patch trigger's key is as before full-image triggers existed, so its caches still hit
         key.update(trigger={"name": trigger.name, "patch_size": trigger.patch_size,

@@ -24,6 +24,7 @@ from ..attacks.triggers import load_trigger
 from ..config import FIG3_MAX_PAIRS
 from ..data.evalsets import EvalSet, evalset_identity
 from ..io import UserError, package_versions, read_json, rng_for, sha256_file, sha256_pixels
+from ..victims.device import train_device
 from ..victims.export import CONFIG, WEIGHTS, load_victim
 from . import text_attack
 from .asr import backdoor_asr, targeted_success
@@ -76,7 +77,8 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
     t0 = time.time()
     chosen = resolve_metrics(metrics, probe_train)
     torch.manual_seed(seed)
-    model, preprocess, tokenizer = load_victim(ckpt_dir)
+    device = train_device()  # evaluation runs where training does: the GPU when there is one
+    model, preprocess, tokenizer = load_victim(ckpt_dir, device=device)
     weights_hash = sha256_file(Path(ckpt_dir) / WEIGHTS)
     pre_cfg = read_json(Path(ckpt_dir) / CONFIG, what="checkpoint config").get("preprocess_cfg")
     size = model.visual.image_size
@@ -87,7 +89,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
     ev_id = evalset_identity(evalset)
 
     def embed(ev: EvalSet, ev_key: dict, trigger=None, placement: str | None = None, pos=None) -> np.ndarray:
-        return cache.get(cache_key(weights_hash, ev_key, trigger, placement, seed, pre_cfg),
+        return cache.get(cache_key(weights_hash, ev_key, trigger, placement, seed, pre_cfg, device),
                          lambda: embed_images(model, preprocess, ev.images, trigger, pos))
 
     w = zero_shot_weights(model, tokenizer, evalset.classnames, evalset.templates)
@@ -167,6 +169,7 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
                               "misses": cache.misses}
     out["eval_set"] = ev_id
     out["checkpoint"] = str(ckpt_dir)
+    out["device"] = device
     out["seconds"] = round(time.time() - t0, 2)
     out["versions"] = package_versions()
     return out
