@@ -43,16 +43,43 @@ from clip_poison.data.world import write_world
 TARGET_SPEEDUP = 1.5
 
 
-def matmul_runs(n: int = 2048, reps: int = 20, runs: int = 5, dtype: torch.dtype = torch.float32) -> list[float]:
-    """GFLOP/s of each of ``runs`` timings of an n x n matmul loop in ``dtype`` with torch's default threads."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def _gemm(kernel: str, n: int, dtype: torch.dtype):
+    """A zero-argument n x n x n GEMM through one library torch (or numpy) reaches on a CPU.
+
+    torch: ``a @ b`` (torch's BLAS, MKL's sgemm in the x86 wheels); onednn: the same product as a
+    1×1 convolution, which torch hands to oneDNN (the library that runs the ResNet victims' convs);
+    numpy: ``np.matmul`` (numpy's bundled OpenBLAS, fp32 only). Each library picks its own kernels
+    for the CPU it finds, so their peaks differ on one machine (issue 17: the "peak" depends on who
+    measures it)."""
+    if kernel == "torch":
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        return lambda: a @ b
+    if kernel == "onednn":  # (n rows = a 1 x n/32 x 32 image) x (n -> n channels) as a 1x1 conv
+        x = torch.randn(1, n, n // 32, 32).to(dtype)
+        w = torch.randn(n, n, 1, 1).to(dtype)
+        return lambda: torch.nn.functional.conv2d(x, w)
+    if kernel == "numpy":
+        import numpy as np
+        if dtype != torch.float32:
+            raise ValueError("numpy has no bf16 GEMM")
+        rng = np.random.default_rng(0)
+        a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+        return lambda: a @ b
+    raise ValueError(f"unknown kernel {kernel!r}")
+
+
+def matmul_runs(n: int = 2048, reps: int = 20, runs: int = 5, dtype: torch.dtype = torch.float32,
+                kernel: str = "torch") -> list[float]:
+    """GFLOP/s of each of ``runs`` timings of an n x n x n GEMM loop in ``dtype`` through ``kernel``
+    (see ``_gemm``) with the library's default threads."""
+    f = _gemm(kernel, n, dtype)
     for _ in range(3):
-        a @ b
+        f()
     out = []
     for _ in range(runs):
         t = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            f()
         out.append(2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
     return out
 
