@@ -600,3 +600,32 @@ def test_defense_step_scans_data_and_model_and_reports_pool_sweeps(tmp_path, pho
     assert (tmp_path / "rep" / "fig-model-scan.png").stat().st_size > 1000 and r["n_ok"] == 4
     with pytest.raises(UserError, match="more than one of the sweeps"):
         build_report([tmp_path / "a", tmp_path / "a"], tmp_path / "rep2")
+
+
+def test_counts_table_counts_seeds_and_pairs_by_hand():
+    """The report's 'where it worked' table: backdoor cells = seeds with ASR > 0.5 (0.5 itself does
+    not count), targeted cells = pairs moved = rate × targets summed, clean controls in column 0."""
+    import pandas as pd
+
+    from clip_poison.experiments.report import counts_md
+
+    rows = [  # (run id, clean, n_train, poisons, zero-shot ASR, probe ASR)
+        ("a", True, 10, None, 0.9, 0.1), ("b", True, 10, None, 0.1, 0.1),
+        ("c", False, 10, 75, 0.5, 0.6), ("d", False, 10, 75, 0.51, 0.2),
+        ("e", False, 20, 75, 0.0, 0.0), ("f", False, 20, 300, 1.0, 0.9), ("g", False, 20, 300, 0.7, 0.4),
+        ("h", True, 20, None, 0.0, 0.0)]
+    df = pd.DataFrame(rows, columns=["run_id", "clean", "real_world.n_train", "backdoor.n_poisons",
+                                     "backdoor_asr_consistent", "probe_backdoor_asr_consistent"])
+    raws = [{"id": r[0], "status": "ok", "config": {}} for r in rows]
+    md = "\n".join(counts_md(df, raws, ["real_world.n_train", "backdoor.n_poisons"],
+                             {"real_world.n_train": [10, 20], "backdoor.n_poisons": [75, 300]}))
+    assert "| 10 | 1/2 | 1/2 | – |" in md and "| 20 | 0/1 | 0/1 | 2/2 |" in md  # zero-shot
+    assert "| 10 | 0/2 | 1/2 | – |" in md and "| 20 | 0/1 | 0/1 | 1/2 |" in md  # linear probe
+
+    t = pd.DataFrame([("x", True, None, 0.25), ("y", False, 4, 0.5), ("z", False, 4, 0.75), ("w", False, 16, 1.0)],
+                     columns=["run_id", "clean", "targeted.n_poisons", "targeted_success_rate"])
+    traws = [{"id": i, "status": "ok", "config": {"n_targets": 4}} for i in "xyzw"]
+    md = "\n".join(counts_md(t, traws, ["targeted.n_poisons"], {"targeted.n_poisons": [4, 16]}))
+    assert "| all | 1/4 | 5/8 | 4/4 |" in md and "4 targets per victim" in md
+    # A sweep with two non-attack axes has no one table: none is drawn.
+    assert counts_md(df.assign(m=1), raws, ["real_world.n_train", "m", "backdoor.n_poisons"]) == []

@@ -323,6 +323,53 @@ def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str], axis_va
     return lines + [_md_table(t), ""] if not t.empty else []
 
 
+def counts_md(df: pd.DataFrame, raws: list[dict], axes: list[str], axis_values: dict | None = None) -> list[str]:
+    """Where the attack worked, as counts (the paper's way: "300 poisons work from 50k to 3M pairs"):
+    one row per value of the sweep's other axis (data size, epochs, placement, model), one column
+    per poison count, clean controls first. Backdoor: seeds with ASR > 0.5 of seeds; targeted: (x', y')
+    pairs moved to y' of all pairs (rate × targets per victim). Zero-shot and linear probe."""
+    attack_axes = [a for a in axes if a.split(".")[0] in ("backdoor", "targeted")]
+    other = [a for a in axes if a not in attack_axes]
+    if len(attack_axes) != 1 or len(other) > 1 or df.empty:
+        return []
+    count, row_axis = attack_axes[0], (other[0] if other else None)
+    targeted = count.startswith("targeted")
+    n_targets = {r["id"]: int(r.get("config", {}).get("n_targets", 1)) for r in raws if r.get("status") == "ok"}
+    d = df.assign(_count=np.where(df["clean"], 0, df[count].fillna(0)).astype(int),
+                  _targets=df["run_id"].map(n_targets).fillna(1).astype(int))
+    order = lambda a, vals: sorted(vals, key=lambda v: ((axis_values or {}).get(a) or []).index(v)
+                                   if v in ((axis_values or {}).get(a) or []) else len(vals))
+    counts = [0] + [c for c in order(count, d.loc[~d["clean"], "_count"].unique().tolist()) if c]
+    rows = order(row_axis, d[row_axis].dropna().unique().tolist()) if row_axis else [None]
+    per = sorted(set(d["_targets"]))
+    what = (f"(x', y') pairs moved to y' / pairs ({'/'.join(map(str, per))} targets per victim × seeds)" if targeted
+            else "seeds with ASR > 0.5 / seeds")
+    unit = "poisons per target" if targeted else "poisons"
+    lines = ["## Where it worked (counts)", "", f"Cells: {what}; column 0 = the clean controls (same seeds).", ""]
+    for metric, label in ((("targeted_success_rate", "zero-shot"), ("probe_targeted_success_rate", "linear probe"))
+                          if targeted else (("backdoor_asr_consistent", "zero-shot"),
+                                            ("probe_backdoor_asr_consistent", "linear probe"))):
+        if metric not in d.columns:
+            continue
+        table = []
+        for rv in rows:
+            sub = d if rv is None else d[d[row_axis] == rv]
+            row = {row_axis or "": rv if rv is not None else "all"}
+            for c in counts:
+                g = sub[sub["_count"] == c].dropna(subset=[metric])
+                if g.empty:
+                    row[str(c)] = "–"
+                elif targeted:
+                    hits = int(np.rint(g[metric] * g["_targets"]).sum())
+                    row[str(c)] = f"{hits}/{int(g['_targets'].sum())}"
+                else:
+                    row[str(c)] = f"{int((g[metric] > 0.5).sum())}/{len(g)}"
+            table.append(row)
+        lines += [f"{label} ({unit} per column):", "",
+                  _md_table(pd.DataFrame(table)), ""]
+    return lines
+
+
 SCAN_METRICS = {"roc_auc": "ROC-AUC (higher is better; 0.5 = chance)", "pr_auc": "PR-AUC (average precision; "
                 "chance = the poison fraction)", "fpr_at_95tpr": "FPR at 95 % TPR (clean pairs a filter drops to "
                 "remove 95 % of the poisons; lower is better)"}
@@ -743,6 +790,7 @@ def build_report(sweep_or_results: str | Path | list, out: str | Path | None = N
     summ = g[metrics].mean().round(3).astype(str) + " ± " + g[metrics].std(ddof=0).fillna(0).round(3).astype(str)
     summ.insert(0, "seeds", g["seed"].nunique())
     md += ["## Summary (mean ± std over seeds)", "", _md_table(summ.reset_index()), ""]
+    md += counts_md(df, raws, axes, meta.get("axes"))
     md += statistics_md(df, axes, metrics, meta.get("axes"))
     md += detection_md(df, axes, meta.get("axes"), (meta.get("defense") or {}).get("scan_data", {}).get("detectors"))
     md += model_scan_md(df, raws, axes, out)
