@@ -330,6 +330,7 @@ def run(cfg: dict, world: Path, victim: Path, poisons: Path, progress: Progress 
         "targeted": ev["targeted"],
         "train": train_record(info),
         "eval_seconds": ev["seconds"],
+        "eval_device": ev["device"],
     }
     scores = None
     if cfg.get("defense"):

@@ -21,7 +21,7 @@ TRAIN = {"model": "vit-tiny-32", "epochs": 1, "batch_size": 64, "warmup": 1}
 # machine's default count; what it moves is the last bits, within test_golden's tolerances).
 VOLATILE = {"seconds", "eval_seconds", "versions", "host", "checkpoint", "embedding_cache", "train_seconds",
             "root", "dir", "path", "paths", "csv", "out", "data", "samples_per_second", "created", "timings",
-            "threads"}
+            "threads", "eval_device"}
 
 
 def scrub(x, tmp: str):
