@@ -47,17 +47,20 @@ def _gemm(kernel: str, n: int, dtype: torch.dtype):
     """A zero-argument n x n x n GEMM through one library torch (or numpy) reaches on a CPU.
 
     torch: ``a @ b`` (torch's BLAS, MKL's sgemm in the x86 wheels); onednn: the same product as a
-    1×1 convolution, which torch hands to oneDNN (the library that runs the ResNet victims' convs);
-    numpy: ``np.matmul`` (numpy's bundled OpenBLAS, fp32 only). Each library picks its own kernels
-    for the CPU it finds, so their peaks differ on one machine (issue 17: the "peak" depends on who
-    measures it)."""
+    1×1 convolution called through ``aten.mkldnn_convolution`` (oneDNN itself, whatever torch's
+    conv dispatch would pick at this thread count and batch; the library that runs the ResNet
+    victims' convs); numpy: ``np.matmul`` (numpy's bundled OpenBLAS, fp32 only). Each library picks
+    its own kernels for the CPU it finds, so their peaks differ on one machine (issue 17: the "peak"
+    depends on who measures it). ``n`` must be a multiple of 64 (the conv's rows: n/64 images of 8×8)."""
+    if n % 64:
+        raise ValueError(f"n = {n}: use a multiple of 64 (the oneDNN GEMM is n/64 images of 8x8 pixels)")
     if kernel == "torch":
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         return lambda: a @ b
-    if kernel == "onednn":  # (n rows = a 1 x n/32 x 32 image) x (n -> n channels) as a 1x1 conv
-        x = torch.randn(1, n, n // 32, 32).to(dtype)
+    if kernel == "onednn":  # (n rows = n/64 images of 8 x 8) x (n -> n channels) as a 1x1 conv
+        x = torch.randn(n // 64, n, 8, 8).to(dtype)
         w = torch.randn(n, n, 1, 1).to(dtype)
-        return lambda: torch.nn.functional.conv2d(x, w)
+        return lambda: torch.ops.aten.mkldnn_convolution(x, w, None, [0, 0], [1, 1], [1, 1], 1)
     if kernel == "numpy":
         import numpy as np
         if dtype != torch.float32:
