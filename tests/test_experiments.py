@@ -604,28 +604,44 @@ def test_defense_step_scans_data_and_model_and_reports_pool_sweeps(tmp_path, pho
 
 def test_counts_table_counts_seeds_and_pairs_by_hand():
     """The report's 'where it worked' table: backdoor cells = seeds with ASR > 0.5 (0.5 itself does
-    not count), targeted cells = pairs moved = rate × targets summed, clean controls in column 0."""
+    not count), targeted cells = the runs' own per-target successes, clean controls in column 0."""
     import pandas as pd
 
     from clip_poison.experiments.report import counts_md
 
-    rows = [  # (run id, clean, n_train, poisons, zero-shot ASR, probe ASR)
-        ("a", True, 10, None, 0.9, 0.1), ("b", True, 10, None, 0.1, 0.1),
-        ("c", False, 10, 75, 0.5, 0.6), ("d", False, 10, 75, 0.51, 0.2),
-        ("e", False, 20, 75, 0.0, 0.0), ("f", False, 20, 300, 1.0, 0.9), ("g", False, 20, 300, 0.7, 0.4),
-        ("h", True, 20, None, 0.0, 0.0)]
-    df = pd.DataFrame(rows, columns=["run_id", "clean", "real_world.n_train", "backdoor.n_poisons",
-                                     "backdoor_asr_consistent", "probe_backdoor_asr_consistent"])
+    rows = [  # (run id, clean, n_train, poisons, zero-shot ASR, probe ASR); floats as a NaN column makes them
+        ("a", True, 10.0, None, 0.9, 0.1), ("b", True, 10.0, None, 0.1, 0.1),
+        ("c", False, 10.0, 75, 0.5, 0.6), ("d", False, 10.0, 75, 0.51, 0.2),
+        ("e", False, 20.0, 75, 0.0, 0.0), ("f", False, 20.0, 300, 1.0, 0.9), ("g", False, 20.0, 300, 0.7, 0.4),
+        ("h", True, 20.0, None, 0.0, 0.0)]
+    cols = ["run_id", "clean", "real_world.n_train", "backdoor.n_poisons", "backdoor_asr_consistent",
+            "probe_backdoor_asr_consistent"]
+    df = pd.DataFrame(rows, columns=cols)
     raws = [{"id": r[0], "status": "ok", "config": {}} for r in rows]
-    md = "\n".join(counts_md(df, raws, ["real_world.n_train", "backdoor.n_poisons"],
-                             {"real_world.n_train": [10, 20], "backdoor.n_poisons": [75, 300]}))
+    # no axis_values: rows and columns fall back to sorted order (20 after 10, 300 after 75)
+    md = "\n".join(counts_md(df.iloc[::-1], raws, ["real_world.n_train", "backdoor.n_poisons"]))
     assert "| 10 | 1/2 | 1/2 | – |" in md and "| 20 | 0/1 | 0/1 | 2/2 |" in md  # zero-shot
     assert "| 10 | 0/2 | 1/2 | – |" in md and "| 20 | 0/1 | 0/1 | 1/2 |" in md  # linear probe
+    assert md.index("| 10 |") < md.index("| 20 |") and "| real_world.n_train | 0 | 75 | 300 |" in md
+    # without clean controls there is no column 0
+    assert "| 10 | 1/2 | – |" in "\n".join(counts_md(df[~df["clean"]], raws, ["real_world.n_train", "backdoor.n_poisons"]))
 
+    # an attack-only row axis (placement): clean controls have none, so every row shows all of them
+    pl = df.rename(columns={"real_world.n_train": "backdoor.placement"})
+    pl["backdoor.placement"] = [None, None, "consistent", "consistent", "random", "random", "random", None]
+    md = "\n".join(counts_md(pl, raws, ["backdoor.placement", "backdoor.n_poisons"],
+                             {"backdoor.placement": ["consistent", "random"], "backdoor.n_poisons": [75, 300]}))
+    assert "| consistent | 1/3 | 1/2 | – |" in md and "| random | 1/3 | 0/1 | 2/2 |" in md
+
+    hit = lambda *ok: [{"success": o, "probe": {"success": False}} for o in ok]  # noqa: E731
     t = pd.DataFrame([("x", True, None, 0.25), ("y", False, 4, 0.5), ("z", False, 4, 0.75), ("w", False, 16, 1.0)],
                      columns=["run_id", "clean", "targeted.n_poisons", "targeted_success_rate"])
-    traws = [{"id": i, "status": "ok", "config": {"n_targets": 4}} for i in "xyzw"]
+    traws = [{"id": "x", "status": "ok", "targeted": hit(True, False, False, False)},
+             {"id": "y", "status": "ok", "targeted": hit(True, True, False, False)},
+             {"id": "z", "status": "ok", "targeted": hit(True, True, True, False)},
+             {"id": "w", "status": "ok", "targeted": hit(True, True, True)}]
     md = "\n".join(counts_md(t, traws, ["targeted.n_poisons"], {"targeted.n_poisons": [4, 16]}))
-    assert "| all | 1/4 | 5/8 | 4/4 |" in md and "4 targets per victim" in md
-    # A sweep with two non-attack axes has no one table: none is drawn.
+    assert "| all | 1/4 | 5/8 | 3/3 |" in md
+    # Sweeps of another shape get no table: two non-count axes, or no count axis (a trigger sweep).
     assert counts_md(df.assign(m=1), raws, ["real_world.n_train", "m", "backdoor.n_poisons"]) == []
+    assert counts_md(df.assign(**{"backdoor.trigger": "blended"}), raws, ["backdoor.trigger"]) == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import warnings
 from pathlib import Path
 
@@ -325,48 +326,63 @@ def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str], axis_va
 
 def counts_md(df: pd.DataFrame, raws: list[dict], axes: list[str], axis_values: dict | None = None) -> list[str]:
     """Where the attack worked, as counts (the paper's way: "300 poisons work from 50k to 3M pairs"):
-    one row per value of the sweep's other axis (data size, epochs, placement, model), one column
-    per poison count, clean controls first. Backdoor: seeds with ASR > 0.5 of seeds; targeted: (x', y')
-    pairs moved to y' of all pairs (rate × targets per victim). Zero-shot and linear probe."""
-    attack_axes = [a for a in axes if a.split(".")[0] in ("backdoor", "targeted")]
-    other = [a for a in axes if a not in attack_axes]
-    if len(attack_axes) != 1 or len(other) > 1 or df.empty:
+    one column per poison count (the sweep's ``backdoor.n_poisons`` / ``targeted.n_poisons`` axis),
+    clean controls first, and one row per value of at most one other axis (data size, epochs,
+    placement in the poisons, model). Backdoor: seeds with ASR > 0.5 of seeds; targeted: (x', y')
+    pairs classified y' of the pairs scored (each run's own per-target results). Zero-shot and
+    linear probe. Sweeps with another shape (no count axis, two other axes) get no table."""
+    count_axes = [a for a in axes if a in ("backdoor.n_poisons", "targeted.n_poisons")]
+    other = [a for a in axes if a not in count_axes]
+    if len(count_axes) != 1 or len(other) > 1 or df.empty:
         return []
-    count, row_axis = attack_axes[0], (other[0] if other else None)
+    count, row_axis = count_axes[0], (other[0] if other else None)
     targeted = count.startswith("targeted")
-    n_targets = {r["id"]: int(r.get("config", {}).get("n_targets", 1)) for r in raws if r.get("status") == "ok"}
-    d = df.assign(_count=np.where(df["clean"], 0, df[count].fillna(0)).astype(int),
-                  _targets=df["run_id"].map(n_targets).fillna(1).astype(int))
-    order = lambda a, vals: sorted(vals, key=lambda v: ((axis_values or {}).get(a) or []).index(v)
-                                   if v in ((axis_values or {}).get(a) or []) else len(vals))
-    counts = [0] + [c for c in order(count, d.loc[~d["clean"], "_count"].unique().tolist()) if c]
-    rows = order(row_axis, d[row_axis].dropna().unique().tolist()) if row_axis else [None]
-    per = sorted(set(d["_targets"]))
-    what = (f"(x', y') pairs moved to y' / pairs ({'/'.join(map(str, per))} targets per victim × seeds)" if targeted
-            else "seeds with ASR > 0.5 / seeds")
+    scored = {r["id"]: r.get("targeted") or [] for r in raws if r.get("status") == "ok"}
+    d = df[df["clean"] | df[count].notna()]
+    d = d.assign(_count=np.where(d["clean"], 0, d[count].fillna(0)).astype(int))
+
+    def order(axis: str | None, vals: list) -> list:
+        listed = list(((axis_values or {}).get(axis) or []) if axis else [])
+        rest = [v for v in vals if v not in listed]  # numbers by value, then names
+        return [v for v in listed if v in vals] + sorted(
+            rest, key=lambda v: (0, float(v), "") if isinstance(v, numbers.Number) else (1, 0.0, str(v)))
+
+    def shown(v):
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    clean = d[d["clean"]]
+    counts = ([0] if not clean.empty else []) + order(count, [c for c in d.loc[~d["clean"], "_count"].unique().tolist()])
+    rows = order(row_axis, d.loc[~d["clean"], row_axis].dropna().unique().tolist()) if row_axis else [None]
     unit = "poisons per target" if targeted else "poisons"
-    lines = ["## Where it worked (counts)", "", f"Cells: {what}; column 0 = the clean controls (same seeds).", ""]
-    for metric, label in ((("targeted_success_rate", "zero-shot"), ("probe_targeted_success_rate", "linear probe"))
-                          if targeted else (("backdoor_asr_consistent", "zero-shot"),
-                                            ("probe_backdoor_asr_consistent", "linear probe"))):
+    what = "(x', y') pairs classified y' / pairs scored" if targeted else "seeds with ASR > 0.5 / seeds"
+    lines = ["## Where it worked (counts)", "",
+             f"Cells: {what}; columns: {unit}" + ("; 0 = the clean controls (same seeds)" if not clean.empty else "")
+             + ".", ""]
+    for metric, label, probe in ((("targeted_success_rate", "zero-shot", False),
+                                  ("probe_targeted_success_rate", "linear probe", True)) if targeted else
+                                 (("backdoor_asr_consistent", "zero-shot", False),
+                                  ("probe_backdoor_asr_consistent", "linear probe", True))):
         if metric not in d.columns:
             continue
         table = []
         for rv in rows:
-            sub = d if rv is None else d[d[row_axis] == rv]
-            row = {row_axis or "": rv if rv is not None else "all"}
+            row = {row_axis or "": shown(rv) if rv is not None else "all"}
             for c in counts:
-                g = sub[sub["_count"] == c].dropna(subset=[metric])
+                g = d[d["_count"] == c]
+                # clean controls do not vary along an attack-only row axis (placement): all of them, then
+                if rv is not None and (c or g[row_axis].notna().any()):
+                    g = g[g[row_axis] == rv]
+                g = g.dropna(subset=[metric])
                 if g.empty:
                     row[str(c)] = "–"
                 elif targeted:
-                    hits = int(np.rint(g[metric] * g["_targets"]).sum())
-                    row[str(c)] = f"{hits}/{int(g['_targets'].sum())}"
+                    ts = [t.get("probe", {}) if probe else t for i in g["run_id"] for t in scored.get(i, [])]
+                    ts = [t for t in ts if "success" in t]
+                    row[str(c)] = f"{sum(bool(t['success']) for t in ts)}/{len(ts)}"
                 else:
                     row[str(c)] = f"{int((g[metric] > 0.5).sum())}/{len(g)}"
             table.append(row)
-        lines += [f"{label} ({unit} per column):", "",
-                  _md_table(pd.DataFrame(table)), ""]
+        lines += [f"{label}:", "", _md_table(pd.DataFrame(table)), ""]
     return lines
 
 
