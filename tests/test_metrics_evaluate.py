@@ -100,12 +100,13 @@ def test_evaluation_runs_on_the_training_device_and_keys_its_cache_by_it(setup, 
         return real(d, device="cpu")  # no GPU here: the model stays on the CPU whatever was asked
 
     monkeypatch.setattr(evaluate_mod, "load_victim", load)
+    monkeypatch.setattr(evaluate_mod, "device_fingerprint", lambda d: d if d == "cpu" else f"{d}:some GPU:tf32")
     cache = tmp_path / "cache"
     monkeypatch.setattr(evaluate_mod, "train_device", lambda: "cpu")
     cpu = evaluate_checkpoint(root / "ckpt", ev, [], metrics="zeroshot", cache_dir=cache)
     monkeypatch.setattr(evaluate_mod, "train_device", lambda: "cuda")
     gpu = evaluate_checkpoint(root / "ckpt", ev, [], metrics="zeroshot", cache_dir=cache)
-    assert asked == ["cpu", "cuda"] and (cpu["device"], gpu["device"]) == ("cpu", "cuda")
+    assert asked == ["cpu", "cuda"] and (cpu["device"], gpu["device"]) == ("cpu", "cuda:some GPU:tf32")
     assert cpu["embedding_cache"]["misses"] == 1 and gpu["embedding_cache"]["misses"] == 1
     assert "device" not in cache_key("w", {"e": 1}) and cache_key("w", {"e": 1}, device="cuda")["device"] == "cuda"
 

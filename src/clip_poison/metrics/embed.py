@@ -128,8 +128,9 @@ def cache_key(weights_sha256: str, evalset_identity: dict, trigger=None, placeme
     hash of the decoded pixels: names alone once served a changed set's stale embeddings), and
     for triggered images the trigger's (an ``attacks.triggers.Trigger``) actual pixels and parameters
     (so a redefined trigger misses), placement and the seed of random positions. Clean embeddings do not depend on placement or seed.
-    ``device``: where the embeddings were computed (a GPU's kernels round differently from the CPU's);
-    CPU keys are as before devices were keyed, so their caches still hit."""
+    ``device``: where the embeddings were computed (``victims.device.device_fingerprint``: a GPU's
+    kernels, and TF32, round differently from the CPU's); CPU keys are as before devices were keyed,
+    so their caches still hit."""
     key = {"version": CACHE_VERSION, "weights_sha256": weights_sha256, "preprocess_cfg": preprocess_cfg,
            "evalset": evalset_identity, "trigger": None, "placement": None, "seed": None}
     if device != "cpu":

@@ -24,7 +24,7 @@ from ..attacks.triggers import load_trigger
 from ..config import FIG3_MAX_PAIRS
 from ..data.evalsets import EvalSet, evalset_identity
 from ..io import UserError, package_versions, read_json, rng_for, sha256_file, sha256_pixels
-from ..victims.device import train_device
+from ..victims.device import device_fingerprint, train_device
 from ..victims.export import CONFIG, WEIGHTS, load_victim
 from . import text_attack
 from .asr import backdoor_asr, targeted_success
@@ -77,8 +77,9 @@ def evaluate_checkpoint(ckpt_dir: str | Path, evalset: EvalSet, manifests: list[
     t0 = time.time()
     chosen = resolve_metrics(metrics, probe_train)
     torch.manual_seed(seed)
-    device = train_device()  # evaluation runs where training does: the GPU when there is one
+    device = train_device()  # the victim is evaluated where victims train: the GPU when there is one
     model, preprocess, tokenizer = load_victim(ckpt_dir, device=device)
+    device = device_fingerprint(device)  # "cpu", or the GPU's name and TF32 flags (its rounding)
     weights_hash = sha256_file(Path(ckpt_dir) / WEIGHTS)
     pre_cfg = read_json(Path(ckpt_dir) / CONFIG, what="checkpoint config").get("preprocess_cfg")
     size = model.visual.image_size

@@ -20,6 +20,15 @@ def train_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_fingerprint(device: str) -> str:
+    """What fixes a device's rounding, for keys of cached numbers: "cpu", or the GPU's name and
+    whether TF32 is allowed (cuDNN allows it by default, so fp32 convolutions run in TF32 there)."""
+    if device == "cpu":
+        return "cpu"
+    return (f"{device}:{torch.cuda.get_device_name()}:tf32-matmul={torch.backends.cuda.matmul.allow_tf32}"
+            f":tf32-cudnn={torch.backends.cudnn.allow_tf32}")
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """open_clip_train's precision name for ``TrainConfig.precision`` on ``device`` ("cpu" or "cuda")."""
     if precision not in PRECISIONS:
@@ -50,4 +59,4 @@ def check_gpus(cfg: TrainConfig) -> None:
                         f"lower --gpus to {max(have, 1)}")
 
 
-__all__ = ["PRECISIONS", "check_gpus", "resolve_precision", "train_device"]
+__all__ = ["PRECISIONS", "check_gpus", "device_fingerprint", "resolve_precision", "train_device"]
