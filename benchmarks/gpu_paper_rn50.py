@@ -28,16 +28,18 @@ from pathlib import Path
 import yaml
 
 from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
+from clip_poison.victims.recipes import recipe
 
 
 def spec(a) -> dict:
-    train = {"model": "RN50", "epochs": a.epochs, "batch_size": a.batch_size, "lr": 2e-4, "wd": 0.02,
-             "warmup": a.warmup, "backend": "open_clip_train", "workers": a.workers, "gpus": a.gpus,
-             "crop_scale": [0.9, 1.0]}
+    paper = recipe("paper-rn50")  # one home for the recipe: lr, wd, crop, backend from the preset
+    train = {"model": paper.model, "epochs": a.epochs, "batch_size": a.batch_size, "lr": paper.lr, "wd": paper.wd,
+             "warmup": a.warmup, "backend": paper.backend, "workers": a.workers, "gpus": a.gpus,
+             "crop_scale": list(paper.crop_scale)}
     base = {"world": {"n_train": a.n_train, "n_eval": a.n_eval, "image_size": a.image_size},
             "backdoor": {"target_label": "tent", "trigger": "checkerboard", "patch_size": a.patch_size,
                          "placement": "consistent", "n_poisons": a.poisons},
-            "train": train, "eval": {"probe_n": None if a.quick else 0}}
+            "train": train, "eval": {"probe_n": None}}  # no probe: it would cost device time and is not reported
     return {"name": "gpu-paper-rn50", "figure": "the GPU path (paper-rn50 at a reduced size)",
             "attack": "backdoor", "base": base, "axes": {}, "seeds": [0], "clean_control": False}
 
@@ -62,6 +64,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20, help="steps (the paper's 10,000 exceed a reduced run)")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--timeout", type=int, default=540, help="seconds before the sweep is stopped (its log is kept)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes on any machine: checks the script; not a result")
     ap.add_argument("--out", required=True, help="folder for gpu.json, gpu.md and the sweep (must not exist)")
     a = ap.parse_args()
@@ -75,18 +78,23 @@ def main() -> int:
     (out / "spec.yaml").write_text(yaml.safe_dump(spec(a), sort_keys=False))
     argv = [sys.executable, "-m", "clip_poison.cli", "sweep", str(out / "spec.yaml"), "--out", str(out / "sweep")]
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    with open(out / "sweep.log", "w") as log:  # streamed: a run stopped by the device's limit keeps its log
+        try:
+            rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=a.timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timeout after {a.timeout} s"
     wall = time.perf_counter() - t0
-    (out / "sweep.log").write_text(proc.stdout + proc.stderr)
     results = [json.loads(p.read_text()) for p in sorted((out / "sweep" / "results").glob("*.json"))]
     r = results[0] if results else {}
     train, m = r.get("train") or {}, r.get("metrics") or {}
-    doc = {"quick": a.quick, "status": r.get("status", f"no result (exit {proc.returncode})"), "error": r.get("error"),
+    doc = {"quick": a.quick, "status": r.get("status", f"no result (exit {rc})"), "error": r.get("error"),
            "gpu": gpu_name(), "wall_s": round(wall, 1), "run_s": r.get("seconds"), "eval_s": r.get("eval_seconds"),
            "train_s": train.get("seconds"),
-           # open_clip_train reports no rate: pairs seen / the trainer's wall time (its start-up included)
+           # open_clip_train reports no rate: pairs trained on (whole batches; the remainder is dropped)
+           # / the trainer's wall time (its start-up included)
            "samples_per_second": train.get("samples_per_second") or (
-               round((a.n_train + a.poisons) * a.epochs / train["seconds"], 1) if train.get("seconds") else None),
+               round((a.n_train + a.poisons) // a.batch_size * a.batch_size * a.epochs / train["seconds"], 1)
+               if train.get("seconds") else None),
            # results leave out the CPU's fp32 record (run.train_record): absent means fp32 on the CPU
            "precision": train.get("precision") or ({"used": "fp32", "device": "cpu"} if train else None), "eval_device": r.get("eval_device"),
            "n_train": a.n_train, "image_size": a.image_size, "epochs": a.epochs, "batch_size": a.batch_size,
@@ -98,7 +106,7 @@ def main() -> int:
     md = [f"# paper-rn50 at a reduced size{' (QUICK SMOKE TEST, not a result)' if a.quick else ''}", "",
           f"GPU: {doc['gpu']}. Status: {doc['status']}" + (f" ({doc['error']})" if doc["error"] else "") + ".", "",
           "| pairs | px | epochs | batch | GPUs | precision | eval on | wall s (world + poisons + train + eval) | train s | "
-          "samples/s (pairs × epochs / train s) | eval s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+          "samples/s (pairs in whole batches × epochs / train s) | eval s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
           f"| {a.n_train} | {a.image_size} | {a.epochs} | {a.batch_size} | {a.gpus} | {(doc['precision'] or {}).get('used')} | {doc['eval_device']} | "
           f"{doc['wall_s']} | {doc['train_s']} | {doc['samples_per_second']} | {doc['eval_s']} |", "",
           f"One victim, {a.poisons} poisons, seed 0 (a smoke test of the path, not a finding): "
