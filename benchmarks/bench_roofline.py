@@ -45,7 +45,9 @@ from clip_poison.victims.train import train_victim
 GOAL = 0.5  # of the fp32 peak (issue 17)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KERNELS = {"fp32": ["torch", "onednn", "numpy"], "bf16": ["torch", "onednn"]}
-KERNEL_NAMES = {"torch": "torch a @ b (MKL)", "onednn": "oneDNN (1×1 conv)", "numpy": "numpy (OpenBLAS)"}
+# torch's a @ b: MKL's sgemm in fp32, oneDNN's matmul in bf16 (ONEDNN_VERBOSE=1 shows brg_matmul)
+KERNEL_NAMES = {"torch": "torch a @ b (fp32: MKL; bf16: oneDNN matmul)", "onednn": "oneDNN (1×1 conv)",
+                "numpy": "numpy (OpenBLAS)"}
 
 
 def library_threads(kernel: str) -> int | None:
