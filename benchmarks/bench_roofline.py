@@ -92,6 +92,8 @@ def main() -> int:
         a.batch_size, a.matmul_n, a.warmup_steps, a.steps = 32, 256, 1, 3
     elif a.runs < 5:
         ap.error("--runs must be >= 5 (the peak is the best of several timings)")
+    if a.matmul_n < 64 or a.matmul_n % 64:
+        ap.error(f"--matmul-n {a.matmul_n}: use a multiple of 64 (the oneDNN GEMM runs n/64 images of 8×8 pixels)")
     logging.getLogger().setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     load_before = os.getloadavg()
