@@ -258,6 +258,17 @@ def plot_similarity(raws: list[dict], title_prefix: str = ""):
 HEADLINE = ("zeroshot_accuracy", "probe_accuracy", "backdoor_asr_consistent", "probe_backdoor_asr_consistent",
             "backdoor_asr_random", "probe_backdoor_asr_random", "backdoor_z_consistent", "backdoor_z_random",
             "targeted_success_rate", "probe_targeted_success_rate")
+# A victim the attack "worked" on (small-scale success is mostly all-or-nothing per seed, so reports
+# count such victims beside the mean).
+WORKED_ASR = 0.5
+
+
+def _worked(v) -> str:
+    """'k/n': how many of the ASRs ``v`` exceed ``WORKED_ASR``."""
+    v = np.asarray(v, dtype=float)
+    return f"{int((v > WORKED_ASR).sum())}/{v.size}"
+
+
 ASR_COLUMNS = ("backdoor_asr_consistent", "probe_backdoor_asr_consistent", "targeted_success_rate",
                "probe_targeted_success_rate")
 
@@ -288,7 +299,7 @@ def statistics_md(df: pd.DataFrame, axes: list[str], metrics: list[str], axis_va
             row[m] = (f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s["n"] > 1
                       else f"{s['mean']:.3f} (n=1)")
             if m in ASR_COLUMNS:
-                row[f"{m} worked"] = f"{int((v > 0.5).sum())}/{v.size}"
+                row[f"{m} worked"] = _worked(v)
         cs = clean
         for a in other:
             cs = cs[cs[a] == row[a]] if a in cs.columns else cs
@@ -380,7 +391,7 @@ def counts_md(df: pd.DataFrame, raws: list[dict], axes: list[str], axis_values: 
                     ts = [t for t in ts if "success" in t]
                     row[str(c)] = f"{sum(bool(t['success']) for t in ts)}/{len(ts)}"
                 else:
-                    row[str(c)] = f"{int((g[metric] > 0.5).sum())}/{len(g)}"
+                    row[str(c)] = _worked(g[metric])
             table.append(row)
         lines += [f"{label}:", "", _md_table(pd.DataFrame(table)), ""]
     return lines
@@ -441,7 +452,7 @@ def detection_md(df: pd.DataFrame, axes: list[str], axis_values: dict | None = N
                 key = key if isinstance(key, tuple) else (key,)
                 v = g[success].dropna().to_numpy(float)
                 row[", ".join(_axis_label(a, x) for a, x in zip(attack_axes, key)) or "poisoned"] = \
-                    f"{v.mean():.2f} ({int((v > 0.5).sum())}/{v.size})"
+                    f"{v.mean():.2f} ({_worked(v)})"
             rows.append(row)
         for det in found:
             c = f"scan/{det}/{metric}"
@@ -569,7 +580,7 @@ def mitigation_md(raws: list[dict], out: Path) -> list[str]:
             if v.size:
                 row[name] = _interval(v)
                 if "ASR" in name:
-                    row[f"{name.split()[0]} works"] = f"{int((v > 0.5).sum())}/{v.size}"
+                    row[f"{name.split()[0]} works"] = _worked(v)
         if g["n_targets"].notna().all():  # a targeted rate over 4 targets hides counts: give them
             for c, name in (("asr", "targets moved"), ("probe_asr", "probe: targets moved")):
                 v = g[[c, "n_targets"]].dropna()
