@@ -21,7 +21,7 @@ FLOPs per sample: FlopCounterMode over one forward + backward with the CLIP loss
 Writes docs/results/speed/roofline.{json,md}. The peak is only a peak when nothing else runs: run
 it alone, without OMP_NUM_THREADS (the load average before the run is recorded):
 
-    flock /tmp/cpu.lock python benchmarks/bench_roofline.py
+    flock /tmp/cpu.lock python benchmarks/bench_roofline.py [--compile]
     python benchmarks/bench_roofline.py --quick      # smoke test of the script, not a measurement
 """
 from __future__ import annotations
