@@ -172,6 +172,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the script runs; not a result")
     ap.add_argument("--out", default=None, help="default docs/results/speed (--quick: runs/bench-quick/speed)")
     a = ap.parse_args()
+    # checked before any world is rendered or victim trained
+    if a.repeats < 1:
+        ap.error(f"--repeats {a.repeats}: use 1 or more (3 or more for a range over repeats)")
+    if a.n_train < 128:
+        ap.error(f"--n-train {a.n_train}: use 128 or more (one training batch of the laptop recipe)")
+    if a.equivalence and (a.seeds < 2 or a.poisons < 1):
+        ap.error(f"--seeds {a.seeds} --poisons {a.poisons}: the equivalence needs 2 or more seeds (a seed spread) "
+                 "and 1 or more poisons")
+    if a.skip_throughput and not a.equivalence:
+        ap.error("--skip-throughput without --equivalence runs nothing: add --equivalence")
     if a.quick:
         a.seeds, a.poisons = min(a.seeds, 2), min(a.poisons, 20)
     out = Path(a.out or ("runs/bench-quick/speed" if a.quick else "docs/results/speed"))

@@ -101,6 +101,9 @@ def main() -> int:
         a.batch_size, a.matmul_n, a.warmup_steps, a.steps, a.compile_warmup_steps = 32, 256, 1, 3, 2
     elif a.runs < 5:
         ap.error("--runs must be >= 5 (the peak is the best of several timings)")
+    for flag in ("warmup_steps", "compile_warmup_steps", "steps"):
+        if getattr(a, flag) < 1:  # the timed window starts after the last untimed step
+            ap.error(f"--{flag.replace('_', '-')} {getattr(a, flag)}: use 1 or more")
     if a.matmul_n < 64 or a.matmul_n % 64:
         ap.error(f"--matmul-n {a.matmul_n}: use a multiple of 64 (the oneDNN GEMM runs n/64 images of 8×8 pixels)")
     logging.getLogger().setLevel(logging.ERROR)
