@@ -88,8 +88,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=NONNEG_INT, default=D_R.workers, help="DataLoader workers (open_clip_train backend)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "amp"], default=D_R.precision,
                    help="auto = fp32 on CPU, amp_bf16 (bfloat16 autocast) on CUDA; bf16 = bfloat16 autocast on either "
-                        "(victims/hour on a 2-core AVX512-BF16 CPU: vit-30m 2.1x, rn-30m 1.2x, rn-5m 1.15x, rn-tiny none; "
-                        "docs/results/speed/precision.md); amp = CUDA float16 "
+                        "(faster for the 5-30M victims on CPUs with bf16 units, measured in docs/results/speed/precision.md); "
+                        "amp = CUDA float16 "
                         "autocast + GradScaler; train.json records the precision used")
     p.add_argument("--gpus", type=POS_INT, default=D_R.gpus,
                    help="GPUs training one victim: > 1 runs open_clip_train under torchrun (--backend open_clip_train), "
