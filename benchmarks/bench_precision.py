@@ -12,17 +12,20 @@ equivalence (--equivalence, long: 4 victims per seed of --equivalence-model): th
   preset at --poisons poisons (600 by default: the count that backdoored rn-tiny-32 on 5 of 5 seeds,
   so ASR is a stable quantity; near the threshold it is bimodal across seeds and any difference
   would hide in the spread) with `train.precision` as the sweep axis, --seeds seeds, clean
-  controls. For clean zero-shot accuracy (clean victims) and backdoor ASR (poisoned victims): the
-  fp32 seeds' mean, sd and range, bf16's, and the verdict "within the fp32 seed spread" = bf16's
-  mean inside the fp32 seeds' [min, max]; also the paired per-seed difference (one seed: same
+  controls. For clean zero-shot accuracy (clean victims), backdoor ASR and the backdoor z-score
+  (poisoned victims; ASR sits at 1.0 there, z does not): the fp32 seeds' mean, sd and range, bf16's,
+  and the verdict "within the fp32 seed spread" = bf16's mean inside the fp32 seeds' [min, max];
+  also the paired per-seed difference (one seed: same
   world, poisons, initialisation and data order; only the precision differs). The sweep folder
   (--sweep-dir) is kept, so a killed run resumes.
 
 Writes docs/results/speed/precision.{json,md}; a run of one part keeps the other part's section
-already in precision.json. Run it alone on the machine, without OMP_NUM_THREADS:
+already in precision.json, and an equivalence run of one model keeps the other models' (one section per
+--equivalence-model). Run it alone on the machine, without OMP_NUM_THREADS:
 
     flock /tmp/cpu.lock python benchmarks/bench_precision.py [--models ...] [--repeats 3]
     flock /tmp/cpu.lock python benchmarks/bench_precision.py --skip-throughput --equivalence --seeds 5
+    python benchmarks/bench_precision.py --skip-throughput --equivalence --equivalence-model rn-5m-32
     python benchmarks/bench_precision.py --quick --equivalence     # smoke test of the script, not a measurement
 """
 from __future__ import annotations
@@ -41,11 +44,17 @@ import numpy as np
 import yaml
 
 from clip_poison.experiments.executors import cpu_count
-from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
+from clip_poison.io import UserError, atomic_write_bytes, atomic_write_json, package_versions
+from clip_poison.victims.models import model_config
 
 MODELS = ["rn-tiny-32", "rn-5m-32", "rn-30m-32", "vit-30m-32"]
 PRECISIONS = ["fp32", "bf16"]
 CLI = [sys.executable, "-m", "clip_poison.cli"]
+# table row -> (from the clean victims?, metric); rows render in this order (JSON keeps keys sorted)
+EQUIVALENCE_METRICS = {"zeroshot_accuracy (clean victims)": (True, "zeroshot_accuracy"),
+                       "backdoor_asr_consistent (poisoned victims)": (False, "backdoor_asr_consistent"),
+                       # ASR is at its ceiling at 600 poisons; the z-score (Definition 1) is not, so it can show a shift
+                       "backdoor_z_consistent (poisoned victims)": (False, "backdoor_z_consistent")}
 
 
 def train_arm(world: Path, model: str, precision: str, epochs: int | None, out: Path) -> dict:
@@ -116,10 +125,8 @@ def equivalence(a) -> dict:
         raise SystemExit(f"the equivalence sweep in {sweep} has failed runs; rerun to retry them")
     by = {(r["config"]["train"]["precision"], r["clean"], r["seed"]): r["metrics"] for r in results}
     seeds = sorted({r["seed"] for r in results})
-    metrics = {"zeroshot_accuracy (clean victims)": (True, "zeroshot_accuracy"),
-               "backdoor_asr_consistent (poisoned victims)": (False, "backdoor_asr_consistent")}
     out = {}
-    for name, (clean, key) in metrics.items():
+    for name, (clean, key) in EQUIVALENCE_METRICS.items():
         v = {p: [by[(p, clean, s)][key] for s in seeds] for p in PRECISIONS}
         f32, b16 = _spread(v["fp32"]), _spread(v["bf16"])
         out[name] = {"fp32": f32, "bf16": b16, "paired_difference_bf16_minus_fp32": _spread(
@@ -129,29 +136,34 @@ def equivalence(a) -> dict:
             "sweep_dir": str(sweep), "recipe": "cifar10-backdoor preset" if not a.quick else "quick smoke test"}
 
 
+def _smallest_first(item: tuple[str, dict]) -> int:
+    """JSON files keep keys sorted; the tables read smallest model first."""
+    return MODELS.index(item[0]) if item[0] in MODELS else len(MODELS)
+
+
 def render(doc: dict) -> str:
     lines = [f"# bf16 vs fp32 victims on CPU ({doc['cpus']} cores)", "",
-             "Produced by `benchmarks/bench_precision.py`; numbers are only valid from a machine running nothing else "
-             f"(load average before the last run: {', '.join(map(str, doc['load_average_before']))})."]
+             "Produced by `benchmarks/bench_precision.py`; the times are only valid from a machine running nothing else."]
     if t := doc.get("throughput"):
         lines += ["", f"## Victims per hour ({t['recipe']}, {t['n_train']:,} CIFAR-10 photos; `clip-poison train` in "
                   f"fresh processes, {t['repeats']} interleaved repeats)", "",
+                  f"Load average before the run: {', '.join(map(str, t['load_average_before']))}.", "",
                   "| model | fp32 wall s (all runs) | bf16 wall s (all runs) | fp32 victims/hour | bf16 victims/hour | "
                   "bf16 speed-up (median of per-repeat ratios, range) | threads |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for m, d in t["models"].items():
+        for m, d in sorted(t["models"].items(), key=_smallest_first):
             f, b, r = d["arms"]["fp32"], d["arms"]["bf16"], d["bf16_vs_fp32"]
             lines.append(f"| {m} | {', '.join(f'{w:.0f}' for w in f['wall_s'])} | {', '.join(f'{w:.0f}' for w in b['wall_s'])} | "
                          f"{f['median_victims_per_hour']:.1f} | {b['median_victims_per_hour']:.1f} | "
                          f"{r['median']:.2f}× ({r['min']:.2f}–{r['max']:.2f}) | {f['threads']} |")
-    if e := doc.get("equivalence"):
+    for _, e in sorted(doc.get("equivalence", {}).items(), key=_smallest_first):
         lines += ["", f"## Equivalence: {e['model']}, {e['n_poisons']} backdoor poisons, seeds {e['seeds']} "
                   f"({e['recipe']})", "",
                   "| metric | fp32 mean ± sd [min, max] | bf16 mean ± sd [min, max] | paired bf16 − fp32 mean [min, max] | "
                   "bf16 mean within the fp32 seed range |", "| --- | --- | --- | --- | --- |"]
         fmt = lambda s: (f"{s['mean']:.3f} ± {s['sd']:.3f} " if s["sd"] is not None else f"{s['mean']:.3f} ") + \
             f"[{s['min']:.3f}, {s['max']:.3f}]"  # noqa: E731
-        for name, d in e["metrics"].items():
+        for name, d in sorted(e["metrics"].items(), key=lambda kv: list(EQUIVALENCE_METRICS).index(kv[0])):
             lines.append(f"| {name} | {fmt(d['fp32'])} | {fmt(d['bf16'])} | {fmt(d['paired_difference_bf16_minus_fp32'])} | "
                          f"{'yes' if d['within_fp32_seed_spread'] else 'NO'} |")
     return "\n".join(lines)
@@ -182,17 +194,28 @@ def main() -> int:
                  "and 1 or more poisons")
     if a.skip_throughput and not a.equivalence:
         ap.error("--skip-throughput without --equivalence runs nothing: add --equivalence")
+    for m in [*([] if a.skip_throughput else a.models), *([a.equivalence_model] if a.equivalence else [])]:
+        try:
+            model_config(m)
+        except UserError as e:
+            ap.error(str(e))
     if a.quick:
         a.seeds, a.poisons = min(a.seeds, 2), min(a.poisons, 20)
     out = Path(a.out or ("runs/bench-quick/speed" if a.quick else "docs/results/speed"))
     old = json.loads((out / "precision.json").read_text()) if (out / "precision.json").is_file() else {}
-    doc = {**old, "cpus": cpu_count(), "load_average_before": [round(x, 2) for x in os.getloadavg()],
-           "quick": a.quick, "host": os.uname().nodename, "versions": package_versions()}
+    # files written before sections were kept apart: one load average for the whole file, one equivalence
+    if "load_average_before" in old and "throughput" in old:
+        old["throughput"].setdefault("load_average_before", old.pop("load_average_before"))
+    if "model" in old.get("equivalence", {}):
+        old["equivalence"] = {old["equivalence"]["model"]: old["equivalence"]}
+    doc = {**old, "cpus": cpu_count(), "quick": a.quick, "host": os.uname().nodename, "versions": package_versions()}
+    doc.pop("load_average_before", None)
     if not a.skip_throughput:
+        load = [round(x, 2) for x in os.getloadavg()]
         with tempfile.TemporaryDirectory() as tmp:
-            doc["throughput"] = throughput(a, Path(tmp))
+            doc["throughput"] = {"load_average_before": load, **throughput(a, Path(tmp))}
     if a.equivalence:
-        doc["equivalence"] = equivalence(a)
+        doc["equivalence"] = {**doc.get("equivalence", {}), a.equivalence_model: equivalence(a)}
     text = render(doc)
     print("\n" + text)
     atomic_write_json(out / "precision.json", doc)
