@@ -14,6 +14,13 @@ step: the fast backend's own training loop (`train_victim`, FastOptions defaults
   logit-scale clamp), in fp32 and in bf16 autocast; with --compile also in fp32 under torch.compile
   (FastOptions(compile=True): inductor compiles in the first steps, which --compile-warmup-steps
   leaves out of the timed window; what compiling costs is printed and recorded, not hidden).
+stacked seeds (--stack K, K ≥ 2): the issue's other idea. K seeds' models in one step: their weights
+  stacked (torch.func.stack_module_state) and the CLIP step vmapped over them (functional_call; the
+  ResNet's convolutions become grouped ones, attention falls back to a loop), one fused AdamW over the
+  stacked weights; each model gets its own batch of --batch-size, so samples/s counts K batches per
+  step. Beside it, the same hand-written step on one model (no vmap, same harness, same random
+  pixels and tokens): the ratio says what stacking gains, apart from the training loop's data work.
+  A measurement of the idea, not a training mode.
 FLOPs per sample: FlopCounterMode over one forward + backward with the CLIP loss
   (bench_backends.flops_per_sample; matmuls and convolutions only, elementwise work is not counted).
 % of peak = samples/s × FLOPs per sample / peak.
@@ -21,13 +28,15 @@ FLOPs per sample: FlopCounterMode over one forward + backward with the CLIP loss
 Writes docs/results/speed/roofline.{json,md}. The peak is only a peak when nothing else runs: run
 it alone, without OMP_NUM_THREADS (the load average before the run is recorded):
 
-    flock /tmp/cpu.lock python benchmarks/bench_roofline.py [--compile]
+    flock /tmp/cpu.lock python benchmarks/bench_roofline.py [--compile] [--stack 4]
     python benchmarks/bench_roofline.py --quick      # smoke test of the script, not a measurement
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -35,14 +44,17 @@ import time
 import warnings
 from pathlib import Path
 
+import open_clip
 import torch
+from torch.func import functional_call, stack_module_state
 
 from bench_backends import flops_per_sample, matmul_runs
 from clip_poison.config import TrainConfig, WorldConfig
 from clip_poison.data.world import write_world
 from clip_poison.experiments.executors import cpu_count
-from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
-from clip_poison.victims.fast import FastOptions
+from clip_poison.io import UserError, atomic_write_bytes, atomic_write_json, package_versions
+from clip_poison.victims.fast import FastOptions, build_optimizer
+from clip_poison.victims.models import model_config, register_victims
 from clip_poison.victims.train import train_victim
 
 GOAL = 0.5  # of the fp32 peak (issue 17)
@@ -83,6 +95,58 @@ def step_throughput(world: Path, cfg: TrainConfig, warmup: int, steps: int, out:
             "warmup_steps": warmup, "warmup_seconds": marks[warmup - 1] - t0}
 
 
+def stacked_step_throughput(model_name: str, batch: int, k: int, warmup: int, steps: int) -> dict:
+    """samples/s of a hand-written CLIP step over k models at once (vmapped, k ≥ 2) or one model
+    (k = 1, no vmap): forward, ClipLoss, backward, fused AdamW, the logit-scale clamp."""
+    register_victims()
+    torch.manual_seed(0)
+    models = [open_clip.create_model(model_name, output_dict=True).train() for _ in range(k)]
+    size = models[0].visual.image_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    x = torch.randn(k, batch, 3, *size)
+    t = torch.randint(0, 49408, (k, batch, models[0].context_length))
+    loss_fn = open_clip.ClipLoss()
+    if k == 1:
+        model, opt = models[0], build_optimizer(models[0], TrainConfig(model=model_name), "fused")
+
+        def loss() -> torch.Tensor:
+            out = model(x[0], t[0])
+            return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        scales = [model.logit_scale]
+    else:
+        params, buffers = stack_module_state(models)  # leaves with a leading k axis; BN stats stacked too
+        skeleton = copy.deepcopy(models[0]).to("meta")
+
+        def one(p, b, xi, ti):
+            out = functional_call(skeleton, (p, b), (xi, ti))
+            return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        vloss = torch.vmap(one)
+        # build_optimizer over the stacked weights (it groups by a module's names); the stacked axis
+        # makes gains 2-D, so they join the decayed group: the same arithmetic per step, which is
+        # all this measures
+        holder = torch.nn.Module()
+        for n, v in params.items():
+            holder.register_parameter(n.replace(".", "_"), torch.nn.Parameter(v))
+        params = {n: getattr(holder, n.replace(".", "_")) for n in params}
+        opt = build_optimizer(holder, TrainConfig(model=model_name), "fused")
+
+        def loss() -> torch.Tensor:
+            return vloss(params, buffers, x, t).sum()  # the models share nothing: each gets its own gradient
+        scales = [params["logit_scale"]]
+    marks = []
+    for _ in range(warmup + steps):
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+        with torch.no_grad():
+            for sc in scales:
+                sc.clamp_(0, math.log(100))
+        marks.append(time.perf_counter())
+    return {"samples_per_s": k * batch * steps / (marks[-1] - marks[warmup - 1]), "models_per_step": k,
+            "threads": torch.get_num_threads(), "warmup_steps": warmup, "precision_used": "fp32", "compile": False,
+            "warmup_seconds": None}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="rn-tiny-32")
@@ -94,6 +158,8 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also the fp32 step under torch.compile")
     ap.add_argument("--compile-warmup-steps", type=int, default=30, help="untimed steps of the compiled arm "
                     "(inductor compiles the forward and the backward in the first ones)")
+    ap.add_argument("--stack", type=int, default=0, metavar="K", help="also K seeds stacked in one vmapped step, "
+                    "beside the same hand-written step on one model (K >= 2)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs; not a result")
     ap.add_argument("--out", default=None, help="default docs/results/speed (--quick: runs/bench-quick/speed)")
     a = ap.parse_args()
@@ -104,6 +170,12 @@ def main() -> int:
     for flag in ("warmup_steps", "compile_warmup_steps", "steps"):
         if getattr(a, flag) < 1:  # the timed window starts after the last untimed step
             ap.error(f"--{flag.replace('_', '-')} {getattr(a, flag)}: use 1 or more")
+    try:
+        model_config(a.model)
+    except UserError as e:
+        ap.error(str(e))
+    if a.stack and a.stack < 2:
+        ap.error(f"--stack {a.stack}: use 2 or more models per step (or leave it out)")
     if a.matmul_n < 64 or a.matmul_n % 64:
         ap.error(f"--matmul-n {a.matmul_n}: use a multiple of 64 (the oneDNN GEMM runs n/64 images of 8×8 pixels)")
     logging.getLogger().setLevel(logging.ERROR)
@@ -144,6 +216,16 @@ def main() -> int:
                   f"{100 * step[arm]['fraction_of_fp32_peak']:.0f} % of the fp32 peak ({warmup} untimed steps took "
                   f"{r['warmup_seconds']:.0f} s)", flush=True)
 
+    if a.stack:
+        for arm, k in (("fp32, hand-written step, 1 model", 1), (f"fp32, {a.stack} seeds stacked (vmap)", a.stack)):
+            r = stacked_step_throughput(a.model, a.batch_size, k, a.warmup_steps, a.steps)
+            gflops = r["samples_per_s"] * fps / 1e9
+            step[arm] = {**r, "precision": "fp32", "gflops": gflops,
+                         "fraction_of_fp32_peak": gflops / peak["fp32"]["best_gflops"],
+                         "fraction_of_own_peak": gflops / peak["fp32"]["best_gflops"]}
+            print(f"training step, {arm}: {r['samples_per_s']:.0f} samples/s = {gflops:.0f} GFLOP/s, "
+                  f"{100 * step[arm]['fraction_of_fp32_peak']:.0f} % of the fp32 peak", flush=True)
+
     cpu = cpu_info()
     doc = {"cpu": cpu, "model": a.model, "batch_size": a.batch_size, "threads": threads, "matmul_n": a.matmul_n, "peak": peak,
            "flops_per_sample": fps, "warmup_steps": a.warmup_steps, "steps": a.steps, "step": step,
@@ -171,7 +253,7 @@ def main() -> int:
     for arm, s in step.items():
         lines.append(f"| {arm} | {s['samples_per_s']:.0f} | {s['gflops']:.0f} | "
                      f"{100 * s['fraction_of_fp32_peak']:.0f} % | {100 * s['fraction_of_own_peak']:.0f} % | "
-                     f"{s['warmup_steps']} steps, {s['warmup_seconds']:.0f} s |")
+                     f"{s['warmup_steps']} steps" + (f", {s['warmup_seconds']:.0f} s |" if s["warmup_seconds"] is not None else " |"))
     f32 = max(step[arm]["fraction_of_fp32_peak"] for arm in step if step[arm]["precision"] == "fp32")
     lines += ["", f"Goal (issue 17): ≥ {100 * GOAL:.0f} % of the fp32 peak for the fp32 training step: "
               f"{'met' if f32 >= GOAL else 'not met'}, {100 * f32:.0f} % (best fp32 step above) of the best library's fp32 peak "
