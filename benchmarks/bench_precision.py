@@ -131,7 +131,8 @@ def equivalence(a) -> dict:
         f32, b16 = _spread(v["fp32"]), _spread(v["bf16"])
         out[name] = {"fp32": f32, "bf16": b16, "paired_difference_bf16_minus_fp32": _spread(
                          [b - f for b, f in zip(v["bf16"], v["fp32"])]),
-                     "within_fp32_seed_spread": f32["min"] <= b16["mean"] <= f32["max"]}
+                     # on the unrounded values: a mean at the range's edge must not pass by rounding
+                     "within_fp32_seed_spread": bool(min(v["fp32"]) <= np.mean(v["bf16"]) <= max(v["fp32"]))}
     return {"model": a.equivalence_model, "n_poisons": a.poisons, "seeds": seeds, "metrics": out,
             "sweep_dir": str(sweep), "recipe": "cifar10-backdoor preset" if not a.quick else "quick smoke test"}
 
@@ -159,10 +160,11 @@ def render(doc: dict) -> str:
     for _, e in sorted(doc.get("equivalence", {}).items(), key=_smallest_first):
         lines += ["", f"## Equivalence: {e['model']}, {e['n_poisons']} backdoor poisons, seeds {e['seeds']} "
                   f"({e['recipe']})", "",
-                  "| metric | fp32 mean ± sd [min, max] | bf16 mean ± sd [min, max] | paired bf16 − fp32 mean [min, max] | "
+                  "| metric | fp32 mean ± sd [min, max] | bf16 mean ± sd [min, max] | paired bf16 − fp32 mean ± sd [min, max] | "
                   "bf16 mean within the fp32 seed range |", "| --- | --- | --- | --- | --- |"]
-        fmt = lambda s: (f"{s['mean']:.3f} ± {s['sd']:.3f} " if s["sd"] is not None else f"{s['mean']:.3f} ") + \
-            f"[{s['min']:.3f}, {s['max']:.3f}]"  # noqa: E731
+        # 4 decimals, as stored: ASR 0.9996 must not print as 1.000
+        fmt = lambda s: (f"{s['mean']:.4f} ± {s['sd']:.4f} " if s["sd"] is not None else f"{s['mean']:.4f} ") + \
+            f"[{s['min']:.4f}, {s['max']:.4f}]"  # noqa: E731
         for name, d in sorted(e["metrics"].items(), key=lambda kv: list(EQUIVALENCE_METRICS).index(kv[0])):
             lines.append(f"| {name} | {fmt(d['fp32'])} | {fmt(d['bf16'])} | {fmt(d['paired_difference_bf16_minus_fp32'])} | "
                          f"{'yes' if d['within_fp32_seed_spread'] else 'NO'} |")

@@ -122,11 +122,12 @@ def stacked_step_throughput(model_name: str, batch: int, k: int, warmup: int, st
             return loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         vloss = torch.vmap(one)
         # build_optimizer over the stacked weights (it groups by a module's names); the stacked axis
-        # makes gains 2-D, so they join the decayed group: the same arithmetic per step, which is
-        # all this measures
+        # makes 1-D weights 2-D, so those not named bn/ln/bias join the decayed group: the same
+        # arithmetic per step, which is all this measures
         holder = torch.nn.Module()
         for n, v in params.items():
             holder.register_parameter(n.replace(".", "_"), torch.nn.Parameter(v))
+        assert len(list(holder.parameters())) == len(params), "two weights' names collided"
         params = {n: getattr(holder, n.replace(".", "_")) for n in params}
         opt = build_optimizer(holder, TrainConfig(model=model_name), "fused")
 
