@@ -34,10 +34,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clip_poison.config import TrainConfig, WorldConfig
-from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
+from clip_poison.io import UserError, atomic_write_bytes, atomic_write_json, package_versions
 from clip_poison.victims.fast import build_optimizer, FastOptions
 from clip_poison.victims.train import train_victim
-from clip_poison.victims.models import register_victims
+from clip_poison.victims.models import model_config, register_victims
 from clip_poison.data.world import write_world
 
 TARGET_SPEEDUP = 1.5
@@ -91,6 +91,15 @@ def matmul_roofline(n: int = 2048, reps: int = 20, runs: int = 5) -> float:
     """GFLOP/s of an fp32 n x n matmul loop with torch's default threads, best of ``runs`` (the CPU's
     practical peak; measured before any arm, with nothing else running)."""
     return max(matmul_runs(n, reps, runs))
+
+
+def check_models(ap: argparse.ArgumentParser, names: list[str]) -> None:
+    """Refuse unknown model names before a benchmark does any work (argparse's exit 2 and message)."""
+    for name in names:
+        try:
+            model_config(name)
+        except UserError as e:
+            ap.error(str(e))
 
 
 def flops_per_sample(model_name: str, batch: int) -> float:

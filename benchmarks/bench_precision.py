@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from bench_backends import check_models
 from clip_poison.experiments.executors import cpu_count
-from clip_poison.io import UserError, atomic_write_bytes, atomic_write_json, package_versions
-from clip_poison.victims.models import model_config
+from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
 
 MODELS = ["rn-tiny-32", "rn-5m-32", "rn-30m-32", "vit-30m-32"]
 PRECISIONS = ["fp32", "bf16"]
@@ -196,11 +196,10 @@ def main() -> int:
                  "and 1 or more poisons")
     if a.skip_throughput and not a.equivalence:
         ap.error("--skip-throughput without --equivalence runs nothing: add --equivalence")
-    for m in [*([] if a.skip_throughput else a.models), *([a.equivalence_model] if a.equivalence else [])]:
-        try:
-            model_config(m)
-        except UserError as e:
-            ap.error(str(e))
+    if not Path(a.root).is_dir():
+        ap.error(f"--root {a.root}: no such folder; point it at CIFAR-10 in CLIP_benchmark's webdataset layout "
+                 "(../shared/data/cifar10-wds)")
+    check_models(ap, [*([] if a.skip_throughput else a.models), *([a.equivalence_model] if a.equivalence else [])])
     if a.quick:
         a.seeds, a.poisons = min(a.seeds, 2), min(a.poisons, 20)
     out = Path(a.out or ("runs/bench-quick/speed" if a.quick else "docs/results/speed"))

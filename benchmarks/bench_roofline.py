@@ -48,13 +48,13 @@ import open_clip
 import torch
 from torch.func import functional_call, stack_module_state
 
-from bench_backends import flops_per_sample, matmul_runs
+from bench_backends import check_models, flops_per_sample, matmul_runs
 from clip_poison.config import TrainConfig, WorldConfig
 from clip_poison.data.world import write_world
 from clip_poison.experiments.executors import cpu_count
-from clip_poison.io import UserError, atomic_write_bytes, atomic_write_json, package_versions
+from clip_poison.io import atomic_write_bytes, atomic_write_json, package_versions
 from clip_poison.victims.fast import FastOptions, build_optimizer
-from clip_poison.victims.models import model_config, register_victims
+from clip_poison.victims.models import register_victims
 from clip_poison.victims.train import train_victim
 
 GOAL = 0.5  # of the fp32 peak (issue 17)
@@ -171,10 +171,7 @@ def main() -> int:
     for flag in ("warmup_steps", "compile_warmup_steps", "steps"):
         if getattr(a, flag) < 1:  # the timed window starts after the last untimed step
             ap.error(f"--{flag.replace('_', '-')} {getattr(a, flag)}: use 1 or more")
-    try:
-        model_config(a.model)
-    except UserError as e:
-        ap.error(str(e))
+    check_models(ap, [a.model])
     if a.stack and a.stack < 2:
         ap.error(f"--stack {a.stack}: use 2 or more models per step (or leave it out)")
     if a.matmul_n < 64 or a.matmul_n % 64:
@@ -199,6 +196,18 @@ def main() -> int:
     print(f"{a.model}: {fps / 1e6:.1f} MFLOP per training sample (forward + backward, FlopCounterMode)", flush=True)
 
     step = {}
+
+    def record(arm: str, precision: str, r: dict) -> dict:
+        """An arm's samples/s as GFLOP/s and fractions of the peaks, printed and kept in ``step``."""
+        gflops = r["samples_per_s"] * fps / 1e9
+        step[arm] = {**r, "precision": precision, "gflops": gflops,
+                     "fraction_of_fp32_peak": gflops / peak["fp32"]["best_gflops"],
+                     "fraction_of_own_peak": gflops / peak[precision]["best_gflops"]}
+        warm = f" ({r['warmup_steps']} untimed steps took {r['warmup_seconds']:.0f} s)" if r["warmup_seconds"] is not None else ""
+        print(f"training step, {arm}: {r['samples_per_s']:.0f} samples/s = {gflops:.0f} GFLOP/s, "
+              f"{100 * step[arm]['fraction_of_fp32_peak']:.0f} % of the fp32 peak{warm}", flush=True)
+        return step[arm]
+
     # arm -> (precision, compiled); the compiled arm gets more untimed steps (compilation)
     arms = {name: (name, False) for name in DTYPES} | ({"fp32 + torch.compile": ("fp32", True)} if a.compile else {})
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,28 +217,21 @@ def main() -> int:
         for i, (arm, (name, compiled)) in enumerate(arms.items()):
             cfg = TrainConfig(model=a.model, epochs=1, batch_size=a.batch_size, precision=name)
             warmup = a.compile_warmup_steps if compiled else a.warmup_steps
-            r = step_throughput(tmp / "world", cfg, warmup, a.steps, tmp / f"victim-{i}", compile=compiled)
-            gflops = r["samples_per_s"] * fps / 1e9
-            step[arm] = {**r, "precision": name, "gflops": gflops,
-                         "fraction_of_fp32_peak": gflops / peak["fp32"]["best_gflops"],
-                         "fraction_of_own_peak": gflops / peak[name]["best_gflops"]}
-            print(f"training step, {arm}: {r['samples_per_s']:.0f} samples/s = {gflops:.0f} GFLOP/s, "
-                  f"{100 * step[arm]['fraction_of_fp32_peak']:.0f} % of the fp32 peak ({warmup} untimed steps took "
-                  f"{r['warmup_seconds']:.0f} s)", flush=True)
+            record(arm, name, step_throughput(tmp / "world", cfg, warmup, a.steps, tmp / f"victim-{i}", compile=compiled))
 
+    stacked = None
     if a.stack:
-        for arm, k in (("fp32, hand-written step, 1 model", 1), (f"fp32, {a.stack} seeds stacked (vmap)", a.stack)):
-            r = stacked_step_throughput(a.model, a.batch_size, k, a.warmup_steps, a.steps)
-            gflops = r["samples_per_s"] * fps / 1e9
-            step[arm] = {**r, "precision": "fp32", "gflops": gflops,
-                         "fraction_of_fp32_peak": gflops / peak["fp32"]["best_gflops"],
-                         "fraction_of_own_peak": gflops / peak["fp32"]["best_gflops"]}
-            print(f"training step, {arm}: {r['samples_per_s']:.0f} samples/s = {gflops:.0f} GFLOP/s, "
-                  f"{100 * step[arm]['fraction_of_fp32_peak']:.0f} % of the fp32 peak", flush=True)
+        single = record("fp32, hand-written step, 1 model", "fp32",
+                        stacked_step_throughput(a.model, a.batch_size, 1, a.warmup_steps, a.steps))
+        many = record(f"fp32, {a.stack} seeds stacked (vmap)", "fp32",
+                      stacked_step_throughput(a.model, a.batch_size, a.stack, a.warmup_steps, a.steps))
+        stacked = many["samples_per_s"] / single["samples_per_s"]
+        print(f"{a.stack} seeds stacked / 1 model, same harness: {stacked:.2f}×", flush=True)
 
     cpu = cpu_info()
     doc = {"cpu": cpu, "model": a.model, "batch_size": a.batch_size, "threads": threads, "matmul_n": a.matmul_n, "peak": peak,
            "flops_per_sample": fps, "warmup_steps": a.warmup_steps, "steps": a.steps, "step": step,
+           "stacked_vs_one_model": stacked,
            "goal_fraction_of_fp32_peak": GOAL, "quick": a.quick, "cpus": cpu_count(),
            "load_average_before": [round(x, 2) for x in load_before], "host": os.uname().nodename,
            "versions": package_versions()}
@@ -255,6 +257,9 @@ def main() -> int:
         lines.append(f"| {arm} | {s['samples_per_s']:.0f} | {s['gflops']:.0f} | "
                      f"{100 * s['fraction_of_fp32_peak']:.0f} % | {100 * s['fraction_of_own_peak']:.0f} % | "
                      f"{s['warmup_steps']} steps" + (f", {s['warmup_seconds']:.0f} s |" if s["warmup_seconds"] is not None else " |"))
+    if stacked is not None:
+        lines += ["", f"Stacked seeds: {a.stack} models in one vmapped step run at **{stacked:.2f}×** the samples/s of the "
+                  "same hand-written step on one model (both arms above, same harness, this run)."]
     f32 = max(step[arm]["fraction_of_fp32_peak"] for arm in step if step[arm]["precision"] == "fp32")
     lines += ["", f"Goal (issue 17): ≥ {100 * GOAL:.0f} % of the fp32 peak for the fp32 training step: "
               f"{'met' if f32 >= GOAL else 'not met'}, {100 * f32:.0f} % (best fp32 step above) of the best library's fp32 peak "
